@@ -1,0 +1,1 @@
+"""Built-in job types. Each module declares one actor with `engine.actor`."""

@@ -1,0 +1,1 @@
+"""The HTTP shim: job status, control and Prometheus metrics, on the standard library."""

@@ -1,0 +1,104 @@
+"""The broker the engine runs on, built from settings, with the engine's middleware.
+
+`get_broker()` builds it once per process and makes it Dramatiq's global broker, so actors
+declared with `engine.actor` (or plain ``dramatiq.actor`` after it) and ``dramatiq
+engine.actors`` all use it. RabbitMQ when ``ENGINE_BROKER_URL`` is set; otherwise the embedded
+SQLite broker in the store's file.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import dramatiq
+from dramatiq import Broker
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.middleware import (
+    AgeLimit,
+    Callbacks,
+    CurrentMessage,
+    Middleware,
+    Pipelines,
+    ShutdownNotifications,
+    TimeLimit,
+)
+
+from .errors import ConfigError
+from .middleware import Retries, Tracking
+from .settings import Settings, get_settings
+from .store import Store
+
+#: RabbitMQ queues are declared with this x-max-priority; `priority` on submit ranges 0..10.
+MAX_PRIORITY = 10
+
+_broker: Optional[Broker] = None
+
+
+def build_middleware(settings: Settings, store: Store) -> list[Middleware]:
+    """The middleware stack, in order.
+
+    CurrentMessage comes first so that log lines in every other hook carry the job's id.
+    Tracking comes before Retries so that its after-hooks run after Retries has decided.
+    """
+    return [
+        CurrentMessage(),
+        Tracking(store, result_max_bytes=settings.result_max_bytes, traceback_max_bytes=settings.traceback_max_bytes),
+        AgeLimit(),
+        TimeLimit(time_limit=settings.time_limit_ms),
+        ShutdownNotifications(),
+        Callbacks(),
+        Pipelines(),
+        Retries(
+            max_retries=settings.max_retries,
+            min_backoff=settings.min_backoff_ms,
+            max_backoff=settings.max_backoff_ms,
+        ),
+    ]
+
+
+def build_broker(settings: Settings) -> Broker:
+    """A new broker for `settings`, its store created or migrated."""
+    from .brokers.sqlite import SQLiteBroker
+
+    store = Store(settings.store_url)
+    store.upgrade()
+    middleware = build_middleware(settings, store)
+    if settings.embedded:
+        if store.engine.dialect.name != "sqlite":
+            raise ConfigError(
+                "ENGINE_BROKER_URL: the embedded broker lives in a SQLite store; "
+                "set an amqp:// URL to use a PostgreSQL store"
+            )
+        return SQLiteBroker(store, middleware=middleware)
+    return RabbitmqBroker(
+        url=settings.broker_url, confirm_delivery=True, max_priority=MAX_PRIORITY, middleware=middleware
+    )
+
+
+def use(broker: Broker) -> Broker:
+    """Make `broker` the engine's and Dramatiq's global broker (tests use it with a StubBroker)."""
+    global _broker
+    _broker = broker
+    dramatiq.set_broker(broker)
+    return broker
+
+
+def get_broker() -> Broker:
+    """The process's broker, built from settings on first use."""
+    return _broker if _broker is not None else use(build_broker(get_settings()))
+
+
+def get_store() -> Store:
+    """The store the process's broker tracks jobs in."""
+    for middleware in get_broker().middleware:
+        if isinstance(middleware, Tracking):
+            return middleware.store
+    raise RuntimeError("the broker has no Tracking middleware: build it with engine.broker.build_middleware")
+
+
+def actor(fn: Optional[Callable[..., Any]] = None, **options: Any) -> Any:
+    """Declare an actor on the engine's broker; same options as ``dramatiq.actor``.
+
+    Options are checked when the actor is declared, so a misspelt option fails at import.
+    """
+    return dramatiq.actor(fn, broker=get_broker(), **options)

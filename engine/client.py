@@ -1,0 +1,149 @@
+"""The Python API: submit jobs and read them back.
+
+These functions are what the CLI and the HTTP API call too, so a job submitted any way is
+tracked and read the same way. ``actor.send()`` needs none of this: Tracking records it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Optional, Union
+
+from dramatiq import Message
+from dramatiq.errors import ActorNotFound
+
+from .broker import MAX_PRIORITY, get_broker, get_store
+from .errors import DuplicateJob, EngineError, ResultNotReady, UnknownActor
+from .job import Attempt, Job, JobState
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of `jobs()`: pass `next_cursor` back to get the next (None on the last page)."""
+
+    jobs: list[Job]
+    next_cursor: Optional[str]
+
+
+def submit(
+    actor_name: str,
+    *args: Any,
+    idempotency_key: Optional[str] = None,
+    delay: Union[float, timedelta, None] = None,
+    priority: Optional[int] = None,
+    **kwargs: Any,
+) -> Job:
+    """Enqueue a job for the actor named `actor_name`.
+
+    Parameters:
+      actor_name(str): a registered actor.
+      *args, **kwargs: the actor's arguments; they must be JSON-serializable.
+      idempotency_key(str): a second submit with the same key returns the first job and
+        enqueues nothing.
+      delay(float|timedelta): seconds to wait before the job may start.
+      priority(int): 0 (default) to 10; higher runs first among queued jobs.
+
+    Returns:
+      Job: the job as recorded (state `queued`, or `scheduled` when delayed).
+
+    Raises:
+      UnknownActor, ArgumentsNotSerializable, EngineError (bad delay or priority),
+      TrackingError (the store is unreachable; nothing was enqueued).
+    """
+    broker, store = get_broker(), get_store()
+    try:
+        actor = broker.get_actor(actor_name)
+    except ActorNotFound:
+        raise UnknownActor(actor_name, list(broker.get_declared_actors())) from None
+    if idempotency_key is not None:
+        existing = store.find_by_idempotency_key(idempotency_key)
+        if existing is not None:
+            return existing
+    options: dict[str, Any] = {"delay": _delay_ms(delay)}
+    if idempotency_key is not None:
+        options["idempotency_key"] = idempotency_key
+    if priority is not None:
+        if not 0 <= priority <= MAX_PRIORITY:
+            raise EngineError(f"priority must be between 0 and {MAX_PRIORITY}, got {priority}")
+        options["broker_priority"] = priority
+    try:
+        message = actor.send_with_options(args=args, kwargs=kwargs, **options)
+    except DuplicateJob:  # another process submitted the same key between our lookup and insert
+        return store.find_by_idempotency_key(idempotency_key)  # type: ignore[arg-type, return-value]
+    return store.get(message.message_id)
+
+
+def get(job_id: str) -> Job:
+    """The job with this id. Raises: JobNotFound."""
+    return get_store().get(job_id)
+
+
+def result(job_id: str) -> Any:
+    """The job's return value once it has succeeded.
+
+    Raises:
+      JobNotFound: no such job.
+      ResultNotReady: the job has not succeeded (yet, or ever); `.state` says which.
+    """
+    state, encoded = get_store().get_result(job_id)
+    if state != JobState.SUCCEEDED:
+        raise ResultNotReady(job_id, state)
+    return None if encoded is None else json.loads(encoded)
+
+
+def attempts(job_id: str) -> list[Attempt]:
+    """The job's audit trail, one entry per execution. Raises: JobNotFound."""
+    return get_store().list_attempts(job_id)
+
+
+def jobs(
+    *,
+    status: Union[JobState, str, None] = None,
+    actor: Optional[str] = None,
+    limit: int = 50,
+    cursor: Optional[str] = None,
+) -> Page:
+    """Jobs newest first, filtered by state and actor, a page at a time.
+
+    Raises:
+      EngineError: an unknown status, a limit outside 1..1000 or a malformed cursor.
+    """
+    if not 1 <= limit <= 1000:
+        raise EngineError(f"limit must be between 1 and 1000, got {limit}")
+    try:
+        state = JobState(status) if status is not None else None
+    except ValueError:
+        raise EngineError(f"unknown status {status!r}; one of: {', '.join(JobState)}") from None
+    page, next_cursor = get_store().list_jobs(state=state, actor=actor, limit=limit, cursor=cursor)
+    return Page(page, next_cursor)
+
+
+def retry(job_id: str) -> Job:
+    """Requeue a failed or canceled job as a new attempt (its attempt history is kept).
+
+    Raises:
+      JobNotFound, InvalidJobState: the job is not failed or canceled.
+    """
+    store = get_store()
+    job = store.requeue(job_id)
+    message = Message(
+        queue_name=job.queue,
+        actor_name=job.actor,
+        args=tuple(job.args),
+        kwargs=job.kwargs,
+        options=store.message_options(job_id),
+        message_id=job.id,
+    )
+    get_broker().enqueue(message)
+    return store.get(job_id)
+
+
+def _delay_ms(delay: Union[float, timedelta, None]) -> Optional[int]:
+    if delay is None:
+        return None
+    seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
+    if not isinstance(seconds, (int, float)) or seconds < 0:
+        raise EngineError(f"delay must be a non-negative number of seconds or a timedelta, got {delay!r}")
+    return int(seconds * 1000) or None

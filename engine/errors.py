@@ -1,0 +1,82 @@
+"""Errors the engine raises to its users.
+
+Every error here carries a message that says what went wrong and what to do about it, so that
+the CLI and the HTTP API can show it as it is, without a stack trace.
+"""
+
+from __future__ import annotations
+
+from dramatiq.middleware import MiddlewareError
+
+
+class EngineError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class ConfigError(EngineError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+class PermanentError(Exception):
+    """Raise inside an actor to fail the job at once, with no retry.
+
+    Use it for input that can never succeed (a malformed file, an image that is not an image),
+    so that the job does not wait out its backoff schedule only to fail the same way again.
+    """
+
+
+class JobNotFound(EngineError, LookupError):
+    """No job has this id; raised instead of reporting a typo as "pending" forever."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job with id {job_id!r}")
+        self.job_id = job_id
+
+
+class ResultNotReady(EngineError):
+    """The job has no result yet (or never will: it failed or was canceled)."""
+
+    def __init__(self, job_id: str, state: str) -> None:
+        super().__init__(f"job {job_id} has no result: it is {state}")
+        self.job_id = job_id
+        self.state = state
+
+
+class UnknownActor(EngineError):
+    """No actor of this name is registered with the broker."""
+
+    def __init__(self, actor_name: str, known: list[str]) -> None:
+        super().__init__(f"unknown actor {actor_name!r}; known actors: {', '.join(sorted(known)) or 'none'}")
+        self.actor_name = actor_name
+
+
+class ResultTooLarge(EngineError):
+    """An actor returned a result bigger than ENGINE_RESULT_MAX_BYTES; the job fails with it."""
+
+
+class ResultNotSerializable(EngineError):
+    """An actor returned a value that JSON cannot represent; the job fails with it."""
+
+
+class InvalidJobState(EngineError):
+    """The job is not in a state that allows the requested operation (e.g. retry a running job)."""
+
+
+class TrackingError(EngineError, MiddlewareError):
+    """The store refused to record an enqueue, so the message was not sent.
+
+    It is a MiddlewareError so that Dramatiq lets it abort `broker.enqueue` instead of logging it
+    and publishing an untracked message.
+    """
+
+
+class ArgumentsNotSerializable(TrackingError):
+    """The job's arguments cannot be encoded as JSON; nothing was enqueued."""
+
+
+class DuplicateJob(TrackingError):
+    """A job with this idempotency key exists already; nothing was enqueued."""
+
+    def __init__(self, idempotency_key: str) -> None:
+        super().__init__(f"a job with idempotency key {idempotency_key!r} exists already")
+        self.idempotency_key = idempotency_key

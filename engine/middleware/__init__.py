@@ -1,0 +1,6 @@
+"""The engine's middleware; Dramatiq's own (TimeLimit, CurrentMessage, ...) are used as they are."""
+
+from .retries import Retries
+from .tracking import Tracking, current_attempt
+
+__all__ = ["Retries", "Tracking", "current_attempt"]

@@ -1,0 +1,191 @@
+"""Tracking: every job and every attempt recorded in the store.
+
+The path of a job through this middleware:
+
+- ``before_enqueue``: the job row is written before the message leaves, whoever sent it
+  (``actor.send()``, ``engine.submit``, a retry, a delayed message becoming due). On the
+  embedded broker this runs inside the broker's transaction, so the row and the message are
+  committed together. If the row cannot be written, the enqueue is aborted.
+- ``before_process_message``: compare-and-set to `running` and an attempt row; a message whose
+  job is finished or canceled is skipped (acked without running).
+- ``after_process_message``: the attempt's outcome and the job's end state, written before the
+  message is acknowledged. It runs after Retries has decided (this middleware sits before
+  Retries in the list, and Dramatiq calls ``after_*`` hooks in reverse), so a failed message is
+  known to be final or to have been re-enqueued.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import traceback
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from dramatiq import Broker, Message, Middleware
+from dramatiq.broker import MessageProxy
+from dramatiq.common import q_name
+from dramatiq.middleware import SkipMessage, TimeLimitExceeded
+from loguru import logger
+from sqlalchemy.exc import SQLAlchemyError
+
+from ..errors import ArgumentsNotSerializable, ResultNotSerializable, ResultTooLarge, TrackingError
+from ..job import JobState, Outcome
+from ..store import Store
+
+#: Message options that describe one delivery, not the job: not kept for a later requeue.
+_TRANSIENT_OPTIONS = frozenset({"eta", "retries", "traceback", "requeue_timestamp"})
+
+#: Progress is written at most this often per job; the last value always lands at the end.
+PROGRESS_INTERVAL_S = float(os.getenv("ENGINE_PROGRESS_INTERVAL_S", "0.5"))
+
+
+@dataclass
+class RunningAttempt:
+    """The attempt running in this thread: what `engine.progress` reports against."""
+
+    job_id: str
+    number: int
+    store: Store
+    progress_written_at: float = 0.0
+    pending_progress: Optional[tuple[float, Optional[str]]] = field(default=None)
+
+    def report(self, percent: float, message: Optional[str]) -> None:
+        now = time.monotonic()
+        if now - self.progress_written_at >= PROGRESS_INTERVAL_S:
+            self.store.set_progress(self.job_id, percent, message)
+            self.progress_written_at = now
+            self.pending_progress = None
+        else:
+            self.pending_progress = (percent, message)
+
+
+#: The attempt the current worker thread runs, or None outside an actor.
+current_attempt: ContextVar[Optional[RunningAttempt]] = ContextVar("current_attempt", default=None)
+
+
+class _ResultsAreStored(logging.Filter):
+    """Drops Dramatiq's warning that results are discarded without its Results middleware:
+    Tracking stores them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Results middleware" not in record.getMessage()
+
+
+class Tracking(Middleware):
+    """Records jobs and attempts in `store`.
+
+    Parameters:
+      store(Store): where jobs and attempts are written.
+      result_max_bytes(int): results larger than this, JSON-encoded, fail the job.
+      traceback_max_bytes(int): tracebacks are cut to their last this many characters.
+    """
+
+    def __init__(self, store: Store, *, result_max_bytes: int, traceback_max_bytes: int) -> None:
+        self.store = store
+        self.result_max_bytes = result_max_bytes
+        self.traceback_max_bytes = traceback_max_bytes
+        self.host = socket.gethostname()
+        logging.getLogger("dramatiq.worker.WorkerThread").addFilter(_ResultsAreStored())
+
+    def before_enqueue(self, broker: Broker, message: Message, delay: Optional[int]) -> None:
+        now = time.time()
+        try:
+            args, kwargs = json.dumps(message.args), json.dumps(message.kwargs)
+        except (TypeError, ValueError) as error:
+            raise ArgumentsNotSerializable(
+                f"arguments of {message.actor_name!r} must be JSON-serializable: {error}"
+            ) from None
+        options = {key: value for key, value in message.options.items() if key not in _TRANSIENT_OPTIONS}
+        row = {
+            "id": message.message_id,
+            "actor": message.actor_name,
+            "queue": q_name(message.queue_name),
+            "args": args,
+            "kwargs": kwargs,
+            "options": json.dumps(options, default=str),
+            "priority": message.options.get("broker_priority") or 0,
+            "idempotency_key": message.options.get("idempotency_key"),
+            "created_at": now,
+            "scheduled_for": now + delay / 1000 if delay else None,
+        }
+        try:
+            self.store.record_enqueue(row, delayed=bool(delay))
+        except SQLAlchemyError as error:
+            raise TrackingError(f"could not record job {message.message_id} in the store: {error}") from error
+
+    def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
+        try:
+            number = self.store.start_attempt(
+                message.message_id,
+                host=self.host,
+                pid=os.getpid(),
+                redelivered=getattr(message, "redelivered", False),
+            )
+        except SQLAlchemyError as error:
+            raise TrackingError(f"could not start job {message.message_id}: {error}") from error
+        if number is None:
+            logger.info("Skipping job {}: it is not runnable (finished, canceled or unknown).", message.message_id)
+            raise SkipMessage(message.message_id)
+        current_attempt.set(RunningAttempt(message.message_id, number, self.store))
+
+    def after_process_message(
+        self,
+        broker: Broker,
+        message: MessageProxy,
+        *,
+        result: Any = None,
+        exception: Optional[BaseException] = None,
+    ) -> None:
+        attempt = current_attempt.get()
+        if attempt is None or attempt.job_id != message.message_id:
+            return
+        current_attempt.set(None)
+        if exception is None:
+            self._record_success(message, attempt, result)
+        else:
+            self._record_failure(message, attempt, exception)
+
+    def _record_success(self, message: MessageProxy, attempt: RunningAttempt, result: Any) -> None:
+        try:
+            encoded = self._encode_result(result)
+        except (ResultTooLarge, ResultNotSerializable) as error:
+            message.fail()
+            self._finish(attempt, Outcome.FAILED, state=JobState.FAILED, error=error)
+        else:
+            self._finish(attempt, Outcome.SUCCEEDED, state=JobState.SUCCEEDED, result=encoded)
+
+    def _record_failure(self, message: MessageProxy, attempt: RunningAttempt, exception: BaseException) -> None:
+        if isinstance(exception, TimeLimitExceeded):
+            outcome = Outcome.TIMED_OUT
+        elif message.failed:
+            outcome = Outcome.FAILED
+        else:
+            outcome = Outcome.WILL_RETRY
+        # Without failure, Retries has already moved the job to `scheduled` by re-enqueueing it.
+        state = JobState.FAILED if message.failed else None
+        trace = "".join(traceback.format_exception(exception))[-self.traceback_max_bytes :]
+        self._finish(attempt, outcome, state=state, error=exception, traceback=trace)
+
+    def _finish(self, attempt: RunningAttempt, outcome: Outcome, **fields: Any) -> None:
+        self.store.finish_attempt(
+            attempt.job_id, attempt.number, outcome, progress=attempt.pending_progress, **fields
+        )
+
+    def _encode_result(self, result: Any) -> Optional[str]:
+        if result is None:
+            return None
+        try:
+            encoded = json.dumps(result)
+        except (TypeError, ValueError) as error:
+            raise ResultNotSerializable(f"the result must be JSON-serializable: {error}") from None
+        if len(encoded) > self.result_max_bytes:
+            raise ResultTooLarge(
+                f"the result is {len(encoded):,} bytes as JSON; the limit is {self.result_max_bytes:,} "
+                "(ENGINE_RESULT_MAX_BYTES): store large output elsewhere and return its location"
+            )
+        return encoded

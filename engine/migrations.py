@@ -1,0 +1,57 @@
+"""Versioned schema migrations, applied on start or by ``engine db upgrade``.
+
+A new database is created from `engine.schema` as it is now and stamped with `LATEST`. An older
+one is brought up to date by running, in order, each migration numbered above its version. To
+change the schema: edit `engine.schema`, then append a migration that makes the same change to
+an existing database, and bump nothing else: `LATEST` follows the list.
+
+Concurrent starts (several workers booting at once) are serialised by a lock: an advisory lock
+on PostgreSQL, the write lock of ``BEGIN IMMEDIATE`` on SQLite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from loguru import logger
+from sqlalchemy import Connection, inspect, select, text
+
+from .schema import metadata, schema_version
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    apply: Callable[[Connection], None]
+
+
+#: Migrations from older schemas, oldest first. Version 1 is the first released schema.
+MIGRATIONS: list[Migration] = []
+
+LATEST = MIGRATIONS[-1].version if MIGRATIONS else 1
+
+_ADVISORY_LOCK_KEY = 0x656E67696E65  # "engine"
+
+
+def upgrade(connection: Connection) -> int:
+    """Bring the schema to `LATEST` inside the caller's transaction.
+
+    Returns:
+      int: the version the database had before (0 for a new database).
+    """
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK_KEY})
+    if not inspect(connection).has_table(schema_version.name):
+        metadata.create_all(connection)
+        connection.execute(schema_version.insert().values(version=LATEST))
+        logger.info("Created the job store at schema version {}.", LATEST)
+        return 0
+    current = connection.execute(select(schema_version.c.version)).scalar_one()
+    for migration in MIGRATIONS:
+        if migration.version > current:
+            logger.info("Migrating the job store to version {}: {}.", migration.version, migration.description)
+            migration.apply(connection)
+            connection.execute(schema_version.update().values(version=migration.version))
+    return current

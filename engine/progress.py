@@ -1,0 +1,29 @@
+"""`engine.progress`: report how far the running job has got."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .middleware.tracking import current_attempt
+
+
+def progress(percent: float, message: Optional[str] = None) -> None:
+    """Record the running job's progress, shown by `engine watch` and the HTTP API.
+
+    Writes are throttled (see ``ENGINE_PROGRESS_INTERVAL_S``); the last value reported always
+    lands when the attempt ends, so calling this in a tight loop is cheap.
+
+    Parameters:
+      percent(float): from 0 to 100.
+      message(str): what the job is doing, e.g. "row 1200 of 5000".
+
+    Raises:
+      RuntimeError: when called outside an actor.
+      ValueError: when percent is outside 0..100.
+    """
+    attempt = current_attempt.get()
+    if attempt is None:
+        raise RuntimeError("engine.progress() can only be called while an actor is running")
+    if not 0 <= percent <= 100:
+        raise ValueError(f"progress must be between 0 and 100, got {percent}")
+    attempt.report(float(percent), message)

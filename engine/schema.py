@@ -1,0 +1,101 @@
+"""The store's tables, with indexes chosen for the queries the engine runs.
+
+- jobs: one row per job; the source of truth for its state (Oban's model).
+- attempts: one row per execution, kept when the job later succeeds (the audit trail).
+- messages: the embedded broker's queue; unused when RabbitMQ is the broker.
+- schema_version: the migration level (see `engine.migrations`).
+
+Timestamps are float seconds since the epoch: portable between SQLite and PostgreSQL, ordered,
+and cheap to compare in the queue's due-time scans.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+#: An auto-incrementing key: BIGINT on PostgreSQL, the rowid alias on SQLite.
+_AutoId = BigInteger().with_variant(Integer(), "sqlite")
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(64), primary_key=True),  # the Dramatiq message id
+    Column("actor", String(200), nullable=False),
+    Column("queue", String(200), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("args", Text, nullable=False),  # JSON
+    Column("kwargs", Text, nullable=False),  # JSON
+    Column("options", Text, nullable=False),  # JSON: the message options, to requeue it on retry
+    Column("priority", Integer, nullable=False, default=0),
+    Column("idempotency_key", String(255), unique=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("progress_percent", Float),
+    Column("progress_message", Text),
+    Column("result", Text),  # JSON
+    Column("last_error", Text),
+    Column("created_at", Float, nullable=False),
+    Column("scheduled_for", Float),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Column("updated_at", Float, nullable=False),
+    # Newest-first listing, whole or filtered, with keyset pagination on (created_at, id).
+    Index("ix_jobs_created", "created_at", "id"),
+    Index("ix_jobs_state_created", "state", "created_at", "id"),
+    Index("ix_jobs_actor_created", "actor", "created_at", "id"),
+    # Retention purges finished jobs by age.
+    Index("ix_jobs_finished", "finished_at"),
+)
+
+attempts = Table(
+    "attempts",
+    metadata,
+    Column("id", _AutoId, primary_key=True, autoincrement=True),
+    Column("job_id", String(64), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("number", Integer, nullable=False),
+    Column("worker_host", String(255), nullable=False),
+    Column("worker_pid", Integer, nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("finished_at", Float),
+    Column("duration_ms", Float),
+    Column("outcome", String(32)),
+    Column("error_type", String(200)),
+    Column("error_message", Text),
+    Column("traceback", Text),
+    UniqueConstraint("job_id", "number", name="uq_attempts_job_number"),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", _AutoId, primary_key=True, autoincrement=True),
+    Column("message_id", String(64), nullable=False),
+    Column("queue", String(200), nullable=False),
+    Column("priority", Integer, nullable=False, default=0),  # higher first, as in RabbitMQ
+    Column("eta", Float, nullable=False),  # not delivered before this time
+    Column("body", Text, nullable=False),  # the encoded Dramatiq message
+    Column("leased_until", Float),  # set while a consumer holds it; expired = redeliver
+    Column("lease_owner", String(255)),
+    Column("dead_at", Float),  # set when dead-lettered
+    Index("ix_messages_due", "queue", "dead_at", "eta"),
+    Index("ix_messages_message_id", "message_id"),
+)
+
+schema_version = Table(
+    "schema_version",
+    metadata,
+    Column("version", Integer, nullable=False),
+)

@@ -1,0 +1,109 @@
+"""Settings, read from ``ENGINE_*`` environment variables and a ``.env`` file.
+
+Every setting is validated when it is first read, so a typo fails at start with the variable's
+name and what was expected, not later inside a worker.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Optional
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .errors import ConfigError
+
+#: Retry defaults. Dramatiq's own (20 retries over up to 7 days) surprise users: a job that
+#: fails for a week before anyone sees it. Three retries after about 5 s, 10 s and 20 s (plus
+#: jitter) cover transient faults; anything longer is the actor's choice via its options.
+DEFAULT_MAX_RETRIES = 3
+DEFAULT_MIN_BACKOFF_MS = 5_000
+DEFAULT_MAX_BACKOFF_MS = 5 * 60_000
+
+
+class Settings(BaseSettings):
+    """The engine's configuration. See README.md for the meaning of each variable."""
+
+    model_config = SettingsConfigDict(env_prefix="ENGINE_", env_file=".env", extra="ignore")
+
+    broker_url: Optional[str] = Field(
+        default=None, description="amqp:// URL of RabbitMQ; unset means the embedded SQLite broker"
+    )
+    store_url: str = Field(default="sqlite:///engine.db", description="sqlite:///path or postgresql://...")
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8080, ge=1, le=65535)
+    api_token: Optional[SecretStr] = None
+    actor_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    schedules_file: Optional[Path] = None
+    log_json: bool = False
+    log_level: str = "INFO"
+
+    max_retries: int = Field(default=DEFAULT_MAX_RETRIES, ge=0)
+    min_backoff_ms: int = Field(default=DEFAULT_MIN_BACKOFF_MS, ge=1)
+    max_backoff_ms: int = Field(default=DEFAULT_MAX_BACKOFF_MS, ge=1)
+    time_limit_ms: int = Field(default=10 * 60_000, ge=1, description="per attempt, unless an actor sets its own")
+    result_max_bytes: int = Field(default=1_000_000, ge=1)
+    traceback_max_bytes: int = Field(default=16_000, ge=256)
+
+    worker_processes: int = Field(default=2, ge=1)
+    worker_threads: int = Field(default=8, ge=1)
+    shutdown_timeout_s: float = Field(default=600, gt=0, description="graceful stop before jobs are abandoned")
+
+    @field_validator("broker_url")
+    @classmethod
+    def _amqp_url(cls, value: Optional[str]) -> Optional[str]:
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            raise ValueError(f"expected an amqp://user:password@host:port/vhost URL, got {value!r}")
+        return value
+
+    @field_validator("store_url")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme
+        if scheme == "sqlite" and value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
+            return value
+        if scheme in ("postgresql", "postgres"):
+            return "postgresql+psycopg://" + value.split("://", 1)[1]
+        if scheme == "postgresql+psycopg":
+            return value
+        raise ValueError(f"expected sqlite:///path/to/file.db or postgresql://user@host/db, got {value!r}")
+
+    @field_validator("actor_modules", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @property
+    def embedded(self) -> bool:
+        """True when no RabbitMQ is configured: the SQLite broker is used."""
+        return self.broker_url is None
+
+
+def load_settings() -> Settings:
+    """Read and validate the settings.
+
+    Raises:
+      ConfigError: naming each bad variable and what it should hold.
+    """
+    try:
+        return Settings()
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            variable = "ENGINE_" + "_".join(str(part) for part in item["loc"][:1]).upper()
+            problems.append(f"{variable}: {item['msg'].removeprefix('Value error, ')}")
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(problems)) from None
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings, loaded once."""
+    return load_settings()
