@@ -18,6 +18,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -86,7 +87,7 @@ messages = Table(
     Column("queue", String(200), nullable=False),
     Column("priority", Integer, nullable=False, default=0),  # higher first, as in RabbitMQ
     Column("eta", Float, nullable=False),  # not delivered before this time
-    Column("body", Text, nullable=False),  # the encoded Dramatiq message
+    Column("body", LargeBinary, nullable=False),  # the encoded Dramatiq message
     Column("leased_until", Float),  # set while a consumer holds it; expired = redeliver
     Column("lease_owner", String(255)),
     Column("dead_at", Float),  # set when dead-lettered
