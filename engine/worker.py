@@ -1,0 +1,152 @@
+"""One worker process: ``python -m engine.worker [--threads 8] [--queues a,b]``.
+
+It boots like a process of ``dramatiq engine.actors``: it imports `engine.actors` (which builds
+the broker from settings and registers every actor), starts a Dramatiq `Worker`, and runs jobs
+until SIGTERM. Then in-flight jobs get up to ``ENGINE_SHUTDOWN_TIMEOUT_S`` to finish, and the
+messages it had prefetched go back to their queue. A second SIGTERM exits at once.
+
+`engine.supervisor` starts these processes with ``--parent-pid``, which binds the worker's life
+to the supervisor's: the kernel kills it if the supervisor dies, even by SIGKILL, and SIGINT is
+left to the supervisor, which turns a Ctrl-C into a SIGTERM to each worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib
+import os
+import select
+import signal
+import socket
+import sys
+from typing import Optional
+
+from dramatiq import Worker
+from loguru import logger
+
+from .errors import ConfigError
+from .logging import setup_logging
+from .settings import get_settings
+
+#: Exit code of a worker that cannot start as configured: a malformed setting, or an actor
+#: module that does not import. Starting it again would fail the same way.
+EXIT_CONFIG = 2
+
+#: Exit code after a second SIGTERM (jobs still running were abandoned), or when the
+#: supervisor that started the process was gone before the process could bind to it.
+EXIT_KILLED = 1
+
+#: From <linux/prctl.h>: the signal the kernel sends this process when its parent dies.
+PR_SET_PDEATHSIG = 1
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run a worker process until SIGTERM (or SIGINT when not supervised).
+
+    Parameters:
+      argv(list[str]): the command-line arguments; ``sys.argv[1:]`` when None.
+
+    Returns:
+      int: 0 after a graceful stop, `EXIT_CONFIG` when the settings or the actors are broken,
+      `EXIT_KILLED` when the supervisor was already gone.
+    """
+    args = _parse_args(argv)
+    if args.parent_pid is not None and not _bind_to_parent(args.parent_pid):
+        return EXIT_KILLED
+    stop = _StopSignals(supervised=args.parent_pid is not None)
+    try:
+        settings = get_settings()
+        setup_logging(settings)
+        broker = importlib.import_module("engine.actors").broker
+    except ConfigError as error:
+        return _config_error(str(error))
+    except ImportError as error:
+        return _config_error(f"cannot import the actors: {error}{_actor_modules_hint(error)}")
+
+    broker.emit_after("process_boot")
+    worker = Worker(broker, queues=args.queues, worker_threads=args.threads or settings.worker_threads)
+    worker.start()
+    logger.info("Worker process is ready for action.")
+    stop.wait()
+    logger.info("Stopping: running jobs have {} s to finish.", settings.shutdown_timeout_s)
+    worker.stop(timeout=int(settings.shutdown_timeout_s * 1000))
+    broker.close()
+    return 0
+
+
+def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m engine.worker", description="Run one worker process.")
+    parser.add_argument("--threads", type=int, help="worker threads (default: ENGINE_WORKER_THREADS)")
+    parser.add_argument("--queues", type=_names, help="comma-separated queues (default: all)")
+    parser.add_argument("--parent-pid", type=int, help="the supervisor's pid: exit when it dies")
+    return parser.parse_args(argv)
+
+
+def _names(value: str) -> list[str]:
+    return [name for name in value.split(",") if name]
+
+
+def _bind_to_parent(parent_pid: int) -> bool:
+    """Have the kernel SIGKILL this process when its parent dies.
+
+    The parent may have died before the request took effect, leaving this process adopted by
+    another; the parent pid check after it closes that race.
+
+    Returns:
+      bool: False if the parent is gone already.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    return os.getppid() == parent_pid
+
+
+def _config_error(message: str) -> int:
+    """Print `message` on one line, with no traceback, for the supervisor or the user to read."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    print(f"engine worker: {' '.join(lines)}", file=sys.stderr, flush=True)
+    return EXIT_CONFIG
+
+
+def _actor_modules_hint(error: ImportError) -> str:
+    modules = get_settings().actor_modules
+    return f" (ENGINE_ACTOR_MODULES={','.join(modules)})" if error.name in modules else ""
+
+
+class _StopSignals:
+    """SIGTERM, and SIGINT unless supervised: the first is waited for, a second exits at once.
+
+    A supervised worker ignores SIGINT: a Ctrl-C reaches the whole process group, and the
+    supervisor turns it into one SIGTERM per worker, which must not count as a second signal.
+
+    Parameters:
+      supervised(bool): True when started by `engine.supervisor`.
+    """
+
+    def __init__(self, *, supervised: bool) -> None:
+        self.received = False
+        # A wake-up fd rather than an Event: an Event set from a signal handler can deadlock
+        # on its own lock, and a handler that returns does not interrupt a blocking wait.
+        self._reader, self._writer = socket.socketpair()
+        self._writer.setblocking(False)
+        signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, signal.SIG_IGN if supervised else self._handle)
+
+    def wait(self) -> None:
+        """Block until a stop signal has been received (return at once if one came already)."""
+        while not self.received:
+            select.select([self._reader], [], [])
+            self._reader.recv(4096)
+
+    def _handle(self, _signum: int, _frame: object) -> None:
+        if self.received:
+            os.write(sys.stderr.fileno(), b"engine worker: second stop signal, exiting now\n")
+            os._exit(EXIT_KILLED)
+        self.received = True
+
+
+if __name__ == "__main__":
+    sys.exit(main())

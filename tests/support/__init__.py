@@ -1,0 +1,1 @@
+"""Modules the tests load into real worker processes through ENGINE_ACTOR_MODULES."""

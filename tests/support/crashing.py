@@ -1,0 +1,5 @@
+"""A worker that loads this module dies while it boots, as a crash would (not an import error)."""
+
+import os
+
+os._exit(1)

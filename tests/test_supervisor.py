@@ -1,0 +1,285 @@
+"""The supervisor with real worker processes on a real embedded store (a SQLite file).
+
+The supervisor runs as ``engine worker`` will run it, in its own session so that a test can
+signal it, or its whole process group as a Ctrl-C would, and clean up everything it started.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from contextlib import suppress
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+import dramatiq
+import psutil
+import pytest
+
+import engine
+import engine.broker
+import engine.settings
+from engine import JobState
+from engine.worker import EXIT_CONFIG, EXIT_KILLED
+
+ROOT = Path(__file__).resolve().parents[1]
+SUPERVISOR = (
+    "import sys; from engine.settings import get_settings; from engine.supervisor import run_workers; "
+    "sys.exit(run_workers(get_settings(), processes={processes}, threads=2))"
+)
+READY = "Worker process is ready for action."
+#: Long enough that a supervisor returning well before it has not had to kill anyone.
+SHUTDOWN_TIMEOUT_S = 20
+
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, what: str) -> T:
+    """Poll `predicate` until it returns something truthy, or fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+class SupervisorProcess:
+    """The supervisor in its own session, its output (and its workers') in a log file."""
+
+    def __init__(self, env: dict[str, str], cwd: Path, processes: int) -> None:
+        self.log_path = cwd / "supervisor.log"
+        self.log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", SUPERVISOR.format(processes=processes)],
+            env=env,
+            cwd=cwd,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def worker_pids(self) -> list[int]:
+        """The supervisor's live children."""
+        try:
+            children = psutil.Process(self.process.pid).children()
+        except psutil.NoSuchProcess:
+            return []
+        return [child.pid for child in children if alive(child.pid)]
+
+    def wait_ready(self, count: int, timeout: float = 20) -> list[int]:
+        """The pids of `count` live workers that have said they are ready."""
+
+        def ready() -> list[int]:
+            output = self.output()
+            pids = [pid for pid in self.worker_pids() if re.search(rf"\[{pid}\].*{READY}", output)]
+            return pids if len(pids) == count else []
+
+        return wait_for(ready, timeout, f"{count} workers to be ready\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def close(self) -> None:
+        """Kill whatever is left of its process group."""
+        with suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.fixture
+def engine_env(tmp_path) -> dict[str, str]:
+    """ENGINE_ variables of an embedded engine in tmp_path: a SQLite store, no broker URL."""
+    return {
+        "ENGINE_STORE_URL": f"sqlite:///{tmp_path}/engine.db",
+        "ENGINE_ACTOR_MODULES": "tests.support.actors",
+        "ENGINE_SHUTDOWN_TIMEOUT_S": str(SHUTDOWN_TIMEOUT_S),
+    }
+
+
+def process_env(engine_env: dict[str, str], **overrides: str) -> dict[str, str]:
+    """This process's environment without its ENGINE_ variables, plus the test's."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("ENGINE_")}
+    # The repository first: it holds tests.support, and it is the engine under test.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**env, **engine_env, **overrides}
+
+
+@pytest.fixture
+def start_supervisor(tmp_path, engine_env) -> Iterator[Callable[..., SupervisorProcess]]:
+    """Start a supervisor in tmp_path (away from any .env file); `**env` overrides variables."""
+    started: list[SupervisorProcess] = []
+
+    def start(processes: int = 2, **env: str) -> SupervisorProcess:
+        supervisor = SupervisorProcess(process_env(engine_env, **env), tmp_path, processes)
+        started.append(supervisor)
+        return supervisor
+
+    yield start
+    for supervisor in started:
+        supervisor.close()
+
+
+@pytest.fixture
+def client(monkeypatch, tmp_path, engine_env) -> Iterator[None]:
+    """This process as a client of the same store: `engine.submit` and `engine.get` work."""
+    monkeypatch.chdir(tmp_path)
+    for name in [name for name in os.environ if name.startswith("ENGINE_")]:
+        monkeypatch.delenv(name)
+    for name, value in engine_env.items():
+        monkeypatch.setenv(name, value)
+    engine.settings.get_settings.cache_clear()
+    engine.broker._broker = None
+    sys.modules.pop("tests.support.actors", None)
+    importlib.import_module("tests.support.actors")  # declares them on the new broker
+    yield
+    engine.get_broker().close()
+    engine.broker._broker = None
+    dramatiq.set_broker(None)
+    sys.modules.pop("tests.support.actors", None)
+    engine.settings.get_settings.cache_clear()
+
+
+def test_a_job_runs_in_a_supervised_worker(start_supervisor, client):
+    supervisor = start_supervisor()
+    pids = supervisor.wait_ready(2)
+
+    job = engine.submit("echo", {"x": 1})
+
+    wait_for(lambda: engine.get(job.id).state == JobState.SUCCEEDED, 15, "the job to succeed")
+    assert engine.result(job.id) == {"x": 1}
+    [attempt] = engine.attempts(job.id)
+    assert attempt.worker_pid in pids
+
+
+def test_a_killed_worker_is_replaced_while_its_sibling_keeps_running(start_supervisor):
+    supervisor = start_supervisor()
+    killed, sibling = supervisor.wait_ready(2)
+
+    os.kill(killed, signal.SIGKILL)
+
+    [replacement] = wait_for(
+        lambda: [pid for pid in supervisor.worker_pids() if pid not in (killed, sibling)], 2, "a replacement worker"
+    )
+    assert sibling in supervisor.worker_pids()
+    assert sorted(supervisor.wait_ready(2)) == sorted([sibling, replacement])
+    assert f"(pid {killed}) was killed by SIGKILL" in supervisor.output()
+
+
+def test_workers_die_with_their_supervisor_even_when_it_is_killed(start_supervisor):
+    supervisor = start_supervisor()
+    pids = supervisor.wait_ready(2)
+
+    supervisor.process.kill()
+    supervisor.process.wait(timeout=5)
+
+    wait_for(lambda: not any(alive(pid) for pid in pids), 3, "the orphaned workers to die")
+
+
+def test_a_worker_whose_supervisor_is_already_gone_exits_at_once(engine_env, tmp_path):
+    # Its parent is this process, not the pid it was told: the supervisor died before the
+    # worker could ask to die with it.
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.worker", "--threads", "1", "--parent-pid", "1"],
+        env=process_env(engine_env),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+
+    assert done.returncode == EXIT_KILLED
+    assert READY not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "stop",
+    [
+        pytest.param(lambda pid: os.kill(pid, signal.SIGTERM), id="SIGTERM to the supervisor"),
+        pytest.param(lambda pid: os.killpg(pid, signal.SIGINT), id="Ctrl-C to the process group"),
+    ],
+)
+def test_a_stop_signal_lets_running_jobs_finish_then_returns_0(start_supervisor, client, stop):
+    supervisor = start_supervisor()
+    pids = supervisor.wait_ready(2)
+    job = engine.submit("sleepy", 1.5)
+    wait_for(lambda: engine.get(job.id).state == JobState.RUNNING, 15, "the job to start")
+
+    stop(supervisor.process.pid)
+
+    # Well within the shutdown timeout: the workers stopped by themselves, nobody was killed.
+    assert supervisor.process.wait(timeout=SHUTDOWN_TIMEOUT_S / 2) == 0
+    assert engine.get(job.id).state == JobState.SUCCEEDED
+    assert not any(alive(pid) for pid in pids)
+    assert "SIGKILL" not in supervisor.output()
+
+
+def test_a_crash_loop_backs_off(start_supervisor):
+    supervisor = start_supervisor(processes=1, ENGINE_ACTOR_MODULES="tests.support.crashing")
+    downtimes: list[float] = []  # from a worker's death to the start of its replacement
+    current, died_at = None, None
+    deadline = time.monotonic() + 15
+    while len(downtimes) < 2 and time.monotonic() < deadline:
+        pid = next(iter(supervisor.worker_pids()), None)
+        now = time.monotonic()
+        if pid is None and current is not None and died_at is None:
+            died_at = now
+        elif pid is not None and pid != current:
+            if current is not None:
+                downtimes.append(now - died_at if died_at is not None else 0.0)
+            current, died_at = pid, None
+        time.sleep(0.01)
+
+    # Restarted after 0.5 s, then 1 s: not at once, and longer each time.
+    assert len(downtimes) == 2, supervisor.output()
+    assert downtimes[0] >= 0.4 and downtimes[1] >= 0.9, downtimes
+    assert supervisor.process.poll() is None  # a crash loop is no reason to give up
+
+
+def test_a_worker_that_cannot_start_as_configured_stops_the_supervisor(start_supervisor):
+    supervisor = start_supervisor(ENGINE_ACTOR_MODULES="tests.support.no_such_module")
+
+    assert supervisor.process.wait(timeout=15) == EXIT_CONFIG
+    output = supervisor.output()
+    assert "Traceback" not in output
+    messages = [line for line in output.splitlines() if line.startswith("engine worker:")]
+    # One line per worker started, at most: none was restarted.
+    assert 1 <= len(messages) <= 2, output
+    assert all("tests.support.no_such_module" in line and "ENGINE_ACTOR_MODULES" in line for line in messages)
+
+
+def test_a_malformed_setting_is_reported_in_one_line(engine_env, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.worker", "--threads", "1"],
+        env=process_env(engine_env, ENGINE_BROKER_URL="http://nope"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+
+    assert done.returncode == EXIT_CONFIG
+    [line] = done.stderr.splitlines()
+    assert line.startswith("engine worker: ") and "ENGINE_BROKER_URL" in line and "http://nope" in line
+
+
+def test_a_malformed_setting_stops_the_supervisor_before_any_worker(start_supervisor):
+    supervisor = start_supervisor(ENGINE_BROKER_URL="http://nope")
+
+    assert supervisor.process.wait(timeout=15) != 0
+    assert "ENGINE_BROKER_URL" in supervisor.output()
+    assert "Started worker" not in supervisor.output()
