@@ -17,13 +17,13 @@ def progress(percent: float, message: Optional[str] = None) -> None:
       percent(float): from 0 to 100.
       message(str): what the job is doing, e.g. "row 1200 of 5000".
 
+    Outside a job (an actor called as a plain function, in a test say) it does nothing.
+
     Raises:
-      RuntimeError: when called outside an actor.
       ValueError: when percent is outside 0..100.
     """
-    attempt = current_attempt.get()
-    if attempt is None:
-        raise RuntimeError("engine.progress() can only be called while an actor is running")
     if not 0 <= percent <= 100:
         raise ValueError(f"progress must be between 0 and 100, got {percent}")
-    attempt.report(float(percent), message)
+    attempt = current_attempt.get()
+    if attempt is not None:
+        attempt.report(float(percent), message)

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     api_token: Optional[SecretStr] = None
     actor_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
     schedules_file: Optional[Path] = None
+    output_dir: Path = Field(
+        default=Path("engine-output"), description="where built-in actors write reports and thumbnails"
+    )
     log_json: bool = False
     log_level: str = "INFO"
 

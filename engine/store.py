@@ -13,15 +13,15 @@ import json
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
-from sqlalchemy import Connection, Engine, create_engine, delete, event, func, select, text, tuple_, update
+from sqlalchemy import Connection, Engine, and_, create_engine, delete, event, func, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from . import migrations
 from .errors import DuplicateJob, EngineError, InvalidJobState, JobNotFound
-from .job import TRANSITIONS, Attempt, Job, JobState, Outcome
+from .job import FINISHED_STATES, TRANSITIONS, Attempt, Job, JobState, Outcome
 from .schema import attempts, jobs
 
 
@@ -36,7 +36,11 @@ def _create_engine(url: str) -> Engine:
     def _configure(dbapi_connection: Any, _record: Any) -> None:
         # Let the "begin" hook below issue BEGIN, so that writers can take the lock up front.
         dbapi_connection.isolation_level = None
-        for pragma in ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON"):
+        # Switching to WAL takes an exclusive lock that concurrent first connections would
+        # fight over; the mode persists in the file, so it is set once.
+        if dbapi_connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        for pragma in ("synchronous=FULL", "foreign_keys=ON"):
             dbapi_connection.execute(f"PRAGMA {pragma}")
 
     @event.listens_for(engine, "begin")
@@ -134,12 +138,13 @@ class Store:
                 self._insert(jobs)
                 .values(**row, state=state, attempts=0, updated_at=now)
                 .on_conflict_do_nothing(index_elements=["id"])
+                .returning(jobs.c.id)  # rowcount is not reliable for ON CONFLICT with every driver
             )
             try:
-                inserted = connection.execute(statement).rowcount
+                inserted = connection.execute(statement).first()
             except IntegrityError:
                 raise DuplicateJob(row["idempotency_key"]) from None
-            if not inserted:
+            if inserted is None:
                 self._transition(connection, row["id"], state, scheduled_for=row["scheduled_for"])
 
     def find_by_idempotency_key(self, key: str) -> Optional[Job]:
@@ -311,19 +316,24 @@ class Store:
 
     # -- retention -----------------------------------------------------------------------------
 
-    def purge_finished(self, *, older_than: float, batch_size: int = 1000) -> int:
+    def purge_finished(
+        self, *, older_than: float, batch_size: int = 1000, on_batch: Optional[Callable[[int], None]] = None
+    ) -> int:
         """Delete finished jobs (and their attempts) that ended before `older_than`, one batch
-        per transaction so that a large purge never holds a long lock. Returns how many went."""
-        finished = [state.value for state in JobState if state.finished]
+        per transaction so that a large purge never holds a long lock. Returns how many went.
+
+        `on_batch`, when given, is called with the running total after each batch that deleted
+        jobs has been committed, e.g. to report progress.
+
+        Raises:
+          ValueError: batch_size below 1."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         purged = 0
         while True:
             with self.transaction() as connection:
                 ids = (
-                    connection.execute(
-                        select(jobs.c.id)
-                        .where(jobs.c.state.in_(finished), jobs.c.finished_at < older_than)
-                        .limit(batch_size)
-                    )
+                    connection.execute(select(jobs.c.id).where(_finished_before(older_than)).limit(batch_size))
                     .scalars()
                     .all()
                 )
@@ -331,8 +341,15 @@ class Store:
                     connection.execute(delete(attempts).where(attempts.c.job_id.in_(ids)))
                     connection.execute(delete(jobs).where(jobs.c.id.in_(ids)))
             purged += len(ids)
+            if ids and on_batch is not None:
+                on_batch(purged)
             if len(ids) < batch_size:
                 return purged
+
+    def count_finished_before(self, older_than: float) -> int:
+        """How many jobs `purge_finished` would delete for this cutoff."""
+        with self.reading() as connection:
+            return connection.execute(select(func.count()).where(_finished_before(older_than))).scalar_one()
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -354,6 +371,10 @@ class Store:
             .values(finished_at=now, duration_ms=(now - attempts.c.started_at) * 1000, outcome=outcome)
         )
         return closed.rowcount
+
+
+def _finished_before(cutoff: float) -> Any:
+    return and_(jobs.c.state.in_([state.value for state in FINISHED_STATES]), jobs.c.finished_at < cutoff)
 
 
 def _job(row: Any) -> Job:

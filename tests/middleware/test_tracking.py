@@ -224,9 +224,15 @@ def test_jobs_pages_newest_first_with_filters(stub_broker):
         engine.jobs(status="pending")
 
 
-def test_progress_outside_an_actor_is_a_clear_error():
-    with pytest.raises(RuntimeError, match="while an actor is running"):
-        engine.progress(50)
+def test_an_actor_called_as_a_plain_function_reports_progress_nowhere(stub_broker):
+    @engine.actor
+    def halfway():
+        engine.progress(50, "half")
+        return "done"
+
+    assert halfway() == "done"
+    with pytest.raises(ValueError, match="between 0 and 100"):
+        engine.progress(150)
 
 
 def test_an_actor_option_typo_fails_at_declaration(stub_broker):
