@@ -23,6 +23,7 @@ from dramatiq.middleware import (
     TimeLimit,
 )
 
+from .brokers.sqlite import SQLiteBroker
 from .errors import ConfigError
 from .middleware import Retries, Tracking
 from .settings import Settings, get_settings
@@ -58,17 +59,15 @@ def build_middleware(settings: Settings, store: Store) -> list[Middleware]:
 
 def build_broker(settings: Settings) -> Broker:
     """A new broker for `settings`, its store created or migrated."""
-    from .brokers.sqlite import SQLiteBroker
-
+    if settings.embedded and not settings.store_url.startswith("sqlite"):
+        raise ConfigError(
+            "ENGINE_BROKER_URL: the embedded broker lives in a SQLite store; "
+            "set an amqp:// URL to use a PostgreSQL store"
+        )
     store = Store(settings.store_url)
     store.upgrade()
     middleware = build_middleware(settings, store)
     if settings.embedded:
-        if store.engine.dialect.name != "sqlite":
-            raise ConfigError(
-                "ENGINE_BROKER_URL: the embedded broker lives in a SQLite store; "
-                "set an amqp:// URL to use a PostgreSQL store"
-            )
         return SQLiteBroker(store, middleware=middleware)
     return RabbitmqBroker(
         url=settings.broker_url, confirm_delivery=True, max_priority=MAX_PRIORITY, middleware=middleware

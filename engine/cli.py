@@ -1,0 +1,273 @@
+"""The ``engine`` command: run the engine, submit jobs and look at them.
+
+Every command prints errors as one line (``error: ...``) and exits 2 for bad input or
+configuration, 1 when a watched job did not succeed: never a stack trace for a user's mistake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Callable, Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from sqlalchemy.exc import OperationalError
+
+from .errors import EngineError
+from .job import Job, JobState
+from .settings import get_settings
+
+console = Console()
+errors = Console(stderr=True)
+
+_STATE_STYLES = {
+    JobState.SCHEDULED: "cyan",
+    JobState.QUEUED: "blue",
+    JobState.RUNNING: "yellow",
+    JobState.SUCCEEDED: "green",
+    JobState.FAILED: "red",
+    JobState.CANCELED: "magenta",
+}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of the ``engine`` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.command(args)
+    except (EngineError, OperationalError) as error:
+        message = str(error).splitlines()[0] if isinstance(error, OperationalError) else str(error)
+        errors.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- running the engine --------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    """The engine on one machine: supervised workers on the settings' store and broker."""
+    return worker(args)
+
+
+def worker(args: argparse.Namespace) -> int:
+    """Supervised worker processes; a dead one is restarted while the others keep working."""
+    from .logging import setup_logging
+    from .supervisor import run_workers
+
+    settings = get_settings()
+    setup_logging(settings)
+    _upgrade_store()  # once here, rather than raced by every worker's first start
+    return run_workers(
+        settings,
+        processes=args.processes or settings.worker_processes,
+        threads=args.threads or settings.worker_threads,
+        queues=args.queues,
+    )
+
+
+def db_upgrade(args: argparse.Namespace) -> int:
+    """Create or migrate the job store's schema."""
+    from . import migrations
+
+    before = _upgrade_store()
+    console.print(f"job store at schema version {migrations.LATEST} (was {before or 'empty'})")
+    return 0
+
+
+def _upgrade_store() -> int:
+    from .store import Store
+
+    store = Store(get_settings().store_url)
+    try:
+        return store.upgrade()
+    finally:
+        store.close()
+
+
+# -- jobs ----------------------------------------------------------------------------------------
+
+
+def submit(args: argparse.Namespace) -> int:
+    """Send a job; positional arguments are JSON values, or strings when they are not JSON."""
+    import engine.actors  # noqa: F401  (registers every actor, so the name can be checked)
+
+    from .client import submit as submit_job
+
+    kwargs = dict(_keyword(item) for item in args.kwarg)
+    job = submit_job(
+        args.actor,
+        *[_json_or_text(value) for value in args.args],
+        idempotency_key=args.idempotency_key,
+        delay=args.delay,
+        priority=args.priority,
+        **kwargs,
+    )
+    if args.json:
+        _print_json(job.to_dict())
+    else:
+        console.print(f"{job.id} {_styled(job.state)}")
+    return watch_job(job.id) if args.wait else 0
+
+
+def status(args: argparse.Namespace) -> int:
+    """A job's state, progress, error and attempts."""
+    from .client import attempts, get
+
+    job, trail = get(args.id), attempts(args.id)
+    if args.json:
+        _print_json({**job.to_dict(), "attempts_detail": [attempt.to_dict() for attempt in trail]})
+        return 0
+    console.print(f"[bold]{job.id}[/bold]  {job.actor}  {_styled(job.state)}")
+    console.print(f"  created {job.to_dict()['created_at']}  attempts {job.attempts}")
+    if job.progress_percent is not None:
+        console.print(f"  progress {job.progress_percent:.0f}% {job.progress_message or ''}")
+    if job.last_error:
+        console.print(f"  last error: {job.last_error}", highlight=False)
+    if trail:
+        table = Table("#", "outcome", "worker", "started", "duration", "error")
+        for attempt in trail:
+            row = attempt.to_dict()
+            duration = f"{attempt.duration_ms:.0f} ms" if attempt.duration_ms is not None else ""
+            worker_name = f"{attempt.worker_host}:{attempt.worker_pid}"
+            error = f"{attempt.error_type}: {attempt.error_message}" if attempt.error_type else ""
+            table.add_row(str(attempt.number), attempt.outcome or "running", worker_name, row["started_at"], duration, error)
+        console.print(table)
+    return 0
+
+
+def watch(args: argparse.Namespace) -> int:
+    """A live progress bar until the job ends; exits 0 if it succeeded, 1 otherwise."""
+    return watch_job(args.id, interval=args.interval)
+
+
+def watch_job(job_id: str, *, interval: float = 0.5) -> int:
+    from .client import get
+
+    job = get(job_id)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn())
+    with Progress(*columns, TextColumn("{task.fields[note]}"), console=console, transient=False) as bar:
+        task = bar.add_task(f"{job.actor} {job.id[:8]}", total=100, note=job.state)
+        while True:
+            job = get(job_id)
+            note = job.progress_message or job.state
+            bar.update(task, completed=job.progress_percent or 0, note=note)
+            if job.state.finished:
+                if job.state == JobState.SUCCEEDED:
+                    bar.update(task, completed=100)
+                break
+            time.sleep(interval)
+    console.print(f"{job.id} {_styled(job.state)}" + (f": {job.last_error}" if job.last_error and job.state != JobState.SUCCEEDED else ""))
+    return 0 if job.state == JobState.SUCCEEDED else 1
+
+
+def jobs(args: argparse.Namespace) -> int:
+    """The newest jobs, filtered by state and actor."""
+    from .client import jobs as list_jobs
+
+    page = list_jobs(status=args.status, actor=args.actor, limit=args.limit, cursor=args.cursor)
+    if args.json:
+        _print_json({"jobs": [job.to_dict() for job in page.jobs], "next_cursor": page.next_cursor})
+        return 0
+    table = Table("id", "actor", "state", "attempts", "progress", "created")
+    for job in page.jobs:
+        percent = f"{job.progress_percent:.0f}%" if job.progress_percent is not None else ""
+        table.add_row(job.id, job.actor, _styled(job.state), str(job.attempts), percent, job.to_dict()["created_at"])
+    console.print(table)
+    if page.next_cursor:
+        console.print(f"more: engine jobs --cursor {page.next_cursor}")
+    return 0
+
+
+def retry(args: argparse.Namespace) -> int:
+    """Requeue a failed or canceled job as a new attempt."""
+    import engine.actors  # noqa: F401  (the broker must know the actor to send it again)
+
+    from .client import retry as retry_job
+
+    job = retry_job(args.id)
+    console.print(f"{job.id} {_styled(job.state)}")
+    return 0
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def _styled(state: JobState) -> str:
+    return f"[{_STATE_STYLES[state]}]{state}[/]"
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def _json_or_text(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def _keyword(item: str) -> tuple[str, Any]:
+    name, separator, value = item.partition("=")
+    if not separator or not name.isidentifier():
+        raise EngineError(f"--kwarg takes name=value, got {item!r}")
+    return name, _json_or_text(value)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="engine", description="Background jobs: every job tracked.")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=(handler.__doc__ or "").splitlines()[0], description=handler.__doc__)
+        sub.set_defaults(command=handler)
+        return sub
+
+    for name, handler in (("run", run), ("worker", worker)):
+        sub = command(name, handler)
+        sub.add_argument("--processes", "-p", type=int, help="worker processes (ENGINE_WORKER_PROCESSES)")
+        sub.add_argument("--threads", "-t", type=int, help="threads per process (ENGINE_WORKER_THREADS)")
+        sub.add_argument("--queues", "-Q", nargs="*", help="only these queues (default: all)")
+
+    db = commands.add_parser("db", help="manage the job store's schema")
+    db_commands = db.add_subparsers(required=True, metavar="ACTION")
+    db_commands.add_parser("upgrade", help=db_upgrade.__doc__).set_defaults(command=db_upgrade)
+
+    sub = command("submit", submit)
+    sub.add_argument("actor")
+    sub.add_argument("args", nargs="*", help="positional arguments (JSON, or plain text)")
+    sub.add_argument("--kwarg", "-k", action="append", default=[], metavar="NAME=VALUE")
+    sub.add_argument("--idempotency-key")
+    sub.add_argument("--delay", type=float, help="seconds before the job may start")
+    sub.add_argument("--priority", type=int, help="0..10, higher first")
+    sub.add_argument("--wait", action="store_true", help="watch the job until it ends")
+    sub.add_argument("--json", action="store_true")
+
+    sub = command("status", status)
+    sub.add_argument("id")
+    sub.add_argument("--json", action="store_true")
+
+    sub = command("watch", watch)
+    sub.add_argument("id")
+    sub.add_argument("--interval", type=float, default=0.5, help="seconds between refreshes")
+
+    sub = command("jobs", jobs)
+    sub.add_argument("--status", choices=list(JobState))
+    sub.add_argument("--actor")
+    sub.add_argument("--limit", type=int, default=20)
+    sub.add_argument("--cursor")
+    sub.add_argument("--json", action="store_true")
+
+    command("retry", retry).add_argument("id")
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

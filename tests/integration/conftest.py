@@ -1,0 +1,142 @@
+"""Integration fixtures: the engine in real processes, in both modes.
+
+- embedded: a SQLite file, the SQLite broker.
+- distributed: a real RabbitMQ (a vhost for the test session, its queues purged before each test)
+  and a real PostgreSQL (a new database for each test).
+
+Without RabbitMQ or PostgreSQL the distributed tests are skipped on a laptop, but fail under CI
+(CI=true or ENGINE_TEST_REQUIRE_SERVICES=1): CI must never skip them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pika
+import psycopg
+import pytest
+
+import engine.broker
+import engine.settings
+
+from tests.support.processes import EngineProcess
+
+PG_ADMIN_URL = os.environ.get("ENGINE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+AMQP_HOST = os.environ.get("ENGINE_TEST_AMQP_HOST", "127.0.0.1")
+REQUIRE_SERVICES = os.environ.get("CI") == "true" or os.environ.get("ENGINE_TEST_REQUIRE_SERVICES") == "1"
+TEST_QUEUES = ("default",)
+
+
+def _unavailable(service: str, error: Exception) -> None:
+    message = f"{service} is not reachable: {error}"
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{message} (CI must run the integration tests, not skip them)", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def amqp_vhost() -> Iterator[str]:
+    """A RabbitMQ vhost of this test session, deleted at its end."""
+    vhost = f"engine-test-{uuid.uuid4().hex[:8]}"
+    try:
+        pika.BlockingConnection(pika.ConnectionParameters(AMQP_HOST, connection_attempts=1)).close()
+        for command in (["add_vhost", vhost], ["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"]):
+            subprocess.run(["rabbitmqctl", *command], check=True, capture_output=True, timeout=60)
+    except (pika.exceptions.AMQPError, OSError, subprocess.SubprocessError) as error:
+        _unavailable("RabbitMQ", error)
+    yield vhost
+    subprocess.run(["rabbitmqctl", "delete_vhost", vhost], capture_output=True, timeout=60)
+
+
+def _purge(amqp_url: str) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    channel = connection.channel()
+    for queue in TEST_QUEUES:
+        for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+            channel.queue_delete(name)
+    connection.close()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A new, empty PostgreSQL database for one test."""
+    name = f"engine_test_{uuid.uuid4().hex[:10]}"
+    try:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.Error as error:
+        _unavailable("PostgreSQL", error)
+    yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["embedded", "distributed"])
+def mode(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def engine_env(mode, tmp_path, request, monkeypatch) -> dict[str, str]:
+    """ENGINE_* variables of one engine instance in `mode`, also applied to this test process,
+    whose engine API (engine.submit, engine.get, ...) then talks to the same store and broker."""
+    side_effects = tmp_path / "side-effects"
+    side_effects.mkdir()
+    env = {
+        "ENGINE_ACTOR_MODULES": "tests.support.actors",
+        "ENGINE_TEST_SIDE_EFFECTS": str(side_effects),
+        "ENGINE_SHUTDOWN_TIMEOUT_S": "10",
+    }
+    if mode == "embedded":
+        env["ENGINE_STORE_URL"] = f"sqlite:///{tmp_path}/engine.db"
+    else:
+        vhost = request.getfixturevalue("amqp_vhost")
+        env["ENGINE_BROKER_URL"] = f"amqp://guest:guest@{AMQP_HOST}:5672/{vhost}"
+        env["ENGINE_STORE_URL"] = request.getfixturevalue("pg_url")
+        _purge(env["ENGINE_BROKER_URL"])
+    for name in [name for name in os.environ if name.startswith("ENGINE_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    engine.settings.get_settings.cache_clear()
+    engine.broker._broker = None
+    # Declare the test actors on this test's broker (a new one each test).
+    if "tests.support.actors" in sys.modules:
+        importlib.reload(sys.modules["tests.support.actors"])
+    else:
+        importlib.import_module("tests.support.actors")
+    yield env
+    if engine.broker._broker is not None:
+        engine.broker.get_store().close()
+        engine.broker._broker.close()
+    engine.broker._broker = None
+    engine.settings.get_settings.cache_clear()
+
+
+@pytest.fixture
+def start_engine(engine_env, tmp_path) -> Iterator[Callable[..., EngineProcess]]:
+    """Start ``engine <command>`` against the test's store and broker; all are stopped after."""
+    started: list[EngineProcess] = []
+
+    def start(*args: str) -> EngineProcess:
+        process = EngineProcess(list(args), engine_env, tmp_path / f"engine-{len(started)}.log")
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+        # A group kill leaves no worker behind even if the supervisor died first.
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for process in started:
+        sys.stderr.write(f"--- {' '.join(process.args)} output ---\n{process.output()[-6000:]}\n")

@@ -1,0 +1,67 @@
+"""Actors that tests run in real worker processes (ENGINE_ACTOR_MODULES=tests.support.actors).
+
+Each run of a job body appends a line to ``$ENGINE_TEST_SIDE_EFFECTS/<job id>`` when it
+completes, so a test can count how many times a body really ran to the end.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from dramatiq.middleware import CurrentMessage
+
+import engine
+
+
+def _record_completion() -> None:
+    folder = os.environ.get("ENGINE_TEST_SIDE_EFFECTS")
+    if folder:
+        job_id = CurrentMessage.get_current_message().message_id
+        with open(Path(folder) / job_id, "a") as counter:
+            counter.write(f"{os.getpid()}\n")
+
+
+@engine.actor
+def echo(value):
+    _record_completion()
+    return value
+
+
+@engine.actor
+def sleepy(seconds: float):
+    time.sleep(seconds)
+    _record_completion()
+    return seconds
+
+
+@engine.actor(max_retries=3, min_backoff=200, max_backoff=5_000)
+def flaky(failures: int):
+    """Fails its first `failures` attempts."""
+    attempt = CurrentMessage.get_current_message().options.get("retries", 0) + 1
+    if attempt <= failures:
+        raise ConnectionError(f"attempt {attempt} failed")
+    _record_completion()
+    return attempt
+
+
+@engine.actor(max_retries=5)
+def hopeless():
+    raise engine.PermanentError("this input can never succeed")
+
+
+@engine.actor(time_limit=300, max_retries=0)
+def busy_loop(seconds: float):
+    """A pure-Python loop that only a thread interrupt can stop."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pass
+
+
+@engine.actor
+def counted(steps: int):
+    for step in range(1, steps + 1):
+        engine.progress(100 * step / steps, f"step {step} of {steps}")
+        time.sleep(0.01)
+    return {"steps": steps}

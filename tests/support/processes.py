@@ -1,0 +1,90 @@
+"""Helpers for tests that run the engine in real processes: start, kill, wait, count side effects."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+
+import engine.broker
+from engine.job import Job, JobState
+
+
+class EngineProcess:
+    """An ``engine`` command running in its own session, its output kept in a log file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.args, self.log_path = args, log_path
+        self.log = open(log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", *args],
+            env={**os.environ, **env},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer would."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
+        return self.process.returncode
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
+    """Poll `predicate` until it returns something truthy, or fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def wait_for_state(job_id: str, states: set[JobState], timeout: float = 30) -> Job:
+    store = engine.broker.get_store()
+
+    def reached() -> Optional[Job]:
+        job = store.get(job_id)
+        return job if job.state in states else None
+
+    return wait_for(reached, timeout, f"job {job_id} to reach {sorted(states)}")  # type: ignore[return-value]
+
+
+def completions(env: dict[str, str], job_id: str) -> int:
+    """How many times the job's body ran to the end."""
+    counter = Path(env["ENGINE_TEST_SIDE_EFFECTS"]) / job_id
+    return len(counter.read_text().splitlines()) if counter.exists() else 0
+
+
+def run_python(code: str, env: dict[str, str]) -> str:
+    """Run `code` in a separate Python process with the engine's env; return its stdout."""
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
