@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 from sqlalchemy.exc import OperationalError
 
 from .errors import EngineError
@@ -175,7 +175,8 @@ def jobs(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"jobs": [job.to_dict() for job in page.jobs], "next_cursor": page.next_cursor})
         return 0
-    table = Table("id", "actor", "state", "attempts", "progress", "created")
+    table = Table("actor", "state", "attempts", "progress", "created")
+    table.columns.insert(0, Column("id", no_wrap=True, min_width=36))  # users copy ids whole
     for job in page.jobs:
         percent = f"{job.progress_percent:.0f}%" if job.progress_percent is not None else ""
         table.add_row(job.id, job.actor, _styled(job.state), str(job.attempts), percent, job.to_dict()["created_at"])
