@@ -17,7 +17,7 @@ from typing import Callable
 from loguru import logger
 from sqlalchemy import Connection, inspect, select, text
 
-from .schema import metadata, schema_version
+from .schema import metadata, schema_version, workers
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,16 @@ class Migration:
     apply: Callable[[Connection], None]
 
 
+def _add_liveness_and_cancellation(connection: Connection) -> None:
+    workers.create(connection)
+    connection.execute(text("ALTER TABLE attempts ADD COLUMN worker_id VARCHAR(64)"))
+    connection.execute(text("ALTER TABLE jobs ADD COLUMN cancel_requested_at FLOAT"))
+
+
 #: Migrations from older schemas, oldest first. Version 1 is the first released schema.
-MIGRATIONS: list[Migration] = []
+MIGRATIONS: list[Migration] = [
+    Migration(2, "worker heartbeats and durable cancel requests", _add_liveness_and_cancellation),
+]
 
 LATEST = MIGRATIONS[-1].version if MIGRATIONS else 1
 

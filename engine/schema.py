@@ -2,6 +2,8 @@
 
 - jobs: one row per job; the source of truth for its state (Oban's model).
 - attempts: one row per execution, kept when the job later succeeds (the audit trail).
+- workers: one row per worker process, with its heartbeat: how a job whose worker died is told
+  from one whose worker is merely slow.
 - messages: the embedded broker's queue; unused when RabbitMQ is the broker.
 - schema_version: the migration level (see `engine.migrations`).
 
@@ -48,6 +50,7 @@ jobs = Table(
     Column("progress_message", Text),
     Column("result", Text),  # JSON
     Column("last_error", Text),
+    Column("cancel_requested_at", Float),  # durable: a worker cut off from the push still sees it
     Column("created_at", Float, nullable=False),
     Column("scheduled_for", Float),
     Column("started_at", Float),
@@ -69,6 +72,7 @@ attempts = Table(
     Column("number", Integer, nullable=False),
     Column("worker_host", String(255), nullable=False),
     Column("worker_pid", Integer, nullable=False),
+    Column("worker_id", String(64)),  # the `workers` row whose heartbeat says if it still runs
     Column("started_at", Float, nullable=False),
     Column("finished_at", Float),
     Column("duration_ms", Float),
@@ -77,6 +81,18 @@ attempts = Table(
     Column("error_message", Text),
     Column("traceback", Text),
     UniqueConstraint("job_id", "number", name="uq_attempts_job_number"),
+)
+
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("heartbeat_at", Float, nullable=False),
+    Column("stopped_at", Float),  # set on a graceful stop, or by the supervisor when it dies
+    Index("ix_workers_host_pid", "host", "pid"),
 )
 
 messages = Table(

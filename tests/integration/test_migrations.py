@@ -1,0 +1,50 @@
+"""Schema migrations on SQLite and PostgreSQL: an older store is brought up to date in place."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from engine import migrations, schema
+from engine.store import Store
+
+#: Columns and tables that schema version 1 did not have.
+ADDED_IN_2 = {"attempts": "worker_id", "jobs": "cancel_requested_at"}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/engine.db"
+    return request.getfixturevalue("pg_url").replace("postgresql://", "postgresql+psycopg://")
+
+
+def create_version_1(store: Store) -> None:
+    old = sa.MetaData()
+    for table in (schema.jobs, schema.attempts, schema.messages, schema.schema_version):
+        columns = [column._copy() for column in table.columns if ADDED_IN_2.get(table.name) != column.name]
+        sa.Table(table.name, old, *columns)
+    with store.transaction() as connection:
+        old.create_all(connection)
+        connection.execute(schema.schema_version.insert().values(version=1))
+
+
+def test_a_version_1_store_is_migrated_to_the_latest(store_url):
+    store = Store(store_url)
+    create_version_1(store)
+
+    assert store.upgrade() == 1
+    inspector = sa.inspect(store.engine)
+    for table, column in ADDED_IN_2.items():
+        assert column in [c["name"] for c in inspector.get_columns(table)]
+    assert inspector.has_table("workers")
+    assert store.upgrade() == migrations.LATEST  # a second upgrade has nothing left to do
+    store.close()
+
+
+def test_a_new_store_is_created_at_the_latest_version(store_url):
+    store = Store(store_url)
+
+    assert store.upgrade() == 0
+    assert store.upgrade() == migrations.LATEST
+    store.close()
