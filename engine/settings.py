@@ -54,6 +54,25 @@ class Settings(BaseSettings):
     worker_processes: int = Field(default=2, ge=1)
     worker_threads: int = Field(default=8, ge=1)
     shutdown_timeout_s: float = Field(default=600, gt=0, description="graceful stop before jobs are abandoned")
+    prefetch: Optional[int] = Field(
+        default=None, ge=1, description="messages a worker process holds per queue; default: its thread count"
+    )
+
+    heartbeat_interval_s: float = Field(default=2.0, gt=0, description="how often a worker process says it lives")
+    worker_dead_after_s: float = Field(
+        default=10.0, gt=0, description="a worker silent this long is dead: its running jobs are run again"
+    )
+    cancel_check_interval_s: float = Field(
+        default=1.0, gt=0, description="how often workers look in the store for cancel requests they missed"
+    )
+
+    broker_pool_size: int = Field(default=8, ge=1, description="RabbitMQ connections shared by sending threads")
+    rabbitmq_quorum_queues: bool = Field(default=False, description="replicated quorum queues (no priorities)")
+    delay_hold_ms: int = Field(
+        default=10 * 60_000,
+        ge=1,
+        description="delays longer than this wait in a TTL queue, not in a consumer: keep below consumer_timeout",
+    )
 
     @field_validator("broker_url")
     @classmethod
