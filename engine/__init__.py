@@ -1,17 +1,20 @@
 """A background-job engine on Dramatiq: every job tracked, audited, retried and observable.
 
 Declare jobs with `engine.actor`, send them with ``actor.send()`` or `engine.submit`, and read
-them back with `engine.get`, `engine.result`, `engine.attempts` and `engine.jobs`.
+them back with `engine.get`, `engine.result`, `engine.attempts` and `engine.jobs`; stop them
+with `engine.cancel`.
 """
 
 from .broker import actor, get_broker, get_store
-from .client import Page, attempts, get, jobs, result, retry, submit
+from .client import CancelOutcome, CancelResult, Page, attempts, cancel, get, jobs, queue_depths, result, retry, submit
 from .errors import (
     ArgumentsNotSerializable,
+    BrokerUnavailable,
     ConfigError,
     DuplicateJob,
     EngineError,
     InvalidJobState,
+    JobCanceled,
     JobNotFound,
     PermanentError,
     ResultNotReady,
@@ -21,6 +24,7 @@ from .errors import (
     UnknownActor,
 )
 from .job import Attempt, Job, JobState, Outcome
+from .middleware.cancellation import cancel_requested
 from .progress import progress
 
 __all__ = [
@@ -28,13 +32,19 @@ __all__ = [
     "actor",
     "submit",
     "progress",
+    "cancel_requested",
     "PermanentError",
+    "JobCanceled",
     # Reading jobs back
     "get",
     "result",
     "attempts",
     "jobs",
     "retry",
+    "cancel",
+    "CancelResult",
+    "CancelOutcome",
+    "queue_depths",
     "Job",
     "Attempt",
     "JobState",
@@ -55,4 +65,5 @@ __all__ = [
     "DuplicateJob",
     "InvalidJobState",
     "TrackingError",
+    "BrokerUnavailable",
 ]

@@ -12,7 +12,6 @@ from typing import Any, Callable, Optional
 
 import dramatiq
 from dramatiq import Broker
-from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.middleware import (
     AgeLimit,
     Callbacks,
@@ -23,9 +22,10 @@ from dramatiq.middleware import (
     TimeLimit,
 )
 
-from .brokers.sqlite import SQLiteBroker
+from .brokers import RabbitmqBroker, SQLiteBroker
 from .errors import ConfigError
-from .middleware import Retries, Tracking
+from .middleware import Heartbeat, Retries, Tracking
+from .middleware.cancellation import Cancellation
 from .settings import Settings, get_settings
 from .store import Store
 
@@ -41,9 +41,18 @@ def build_middleware(settings: Settings, store: Store) -> list[Middleware]:
     CurrentMessage comes first so that log lines in every other hook carry the job's id.
     Tracking comes before Retries so that its after-hooks run after Retries has decided.
     """
+    heartbeat = Heartbeat(store, interval_s=settings.heartbeat_interval_s)
+    tracking = Tracking(
+        store,
+        heartbeat=heartbeat,
+        dead_after_s=settings.worker_dead_after_s,
+        result_max_bytes=settings.result_max_bytes,
+        traceback_max_bytes=settings.traceback_max_bytes,
+    )
     return [
         CurrentMessage(),
-        Tracking(store, result_max_bytes=settings.result_max_bytes, traceback_max_bytes=settings.traceback_max_bytes),
+        heartbeat,
+        tracking,
         AgeLimit(),
         TimeLimit(time_limit=settings.time_limit_ms),
         ShutdownNotifications(),
@@ -54,6 +63,7 @@ def build_middleware(settings: Settings, store: Store) -> list[Middleware]:
             min_backoff=settings.min_backoff_ms,
             max_backoff=settings.max_backoff_ms,
         ),
+        Cancellation(store, broker_url=settings.broker_url, check_interval=settings.cancel_check_interval_s),
     ]
 
 
@@ -70,7 +80,14 @@ def build_broker(settings: Settings) -> Broker:
     if settings.embedded:
         return SQLiteBroker(store, middleware=middleware)
     return RabbitmqBroker(
-        url=settings.broker_url, confirm_delivery=True, max_priority=MAX_PRIORITY, middleware=middleware
+        url=settings.broker_url,
+        middleware=middleware,
+        confirm_delivery=True,
+        # RabbitMQ 3.10 quorum queues have no priorities.
+        max_priority=None if settings.rabbitmq_quorum_queues else MAX_PRIORITY,
+        quorum_queues=settings.rabbitmq_quorum_queues,
+        delay_hold_ms=settings.delay_hold_ms,
+        pool_size=settings.broker_pool_size,
     )
 
 

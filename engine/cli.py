@@ -18,7 +18,7 @@ from rich.table import Column, Table
 from sqlalchemy.exc import OperationalError
 
 from .errors import EngineError
-from .job import Job, JobState
+from .job import JobState
 from .settings import get_settings
 
 console = Console()
@@ -197,6 +197,24 @@ def retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def cancel(args: argparse.Namespace) -> int:
+    """Cancel a job: a waiting one never starts, a running one is stopped within a second."""
+    from .client import CancelOutcome
+    from .client import cancel as cancel_job
+
+    done = cancel_job(args.id)
+    if args.json:
+        _print_json({"outcome": done.outcome, "job": done.job.to_dict()})
+        return 0
+    notes = {
+        CancelOutcome.CANCELED: "",
+        CancelOutcome.REQUESTED: ": cancel requested, its worker is stopping it (engine status shows when)",
+        CancelOutcome.ALREADY_FINISHED: ": already finished, nothing to cancel",
+    }
+    console.print(f"{done.job.id} {_styled(done.job.state)}{notes[done.outcome]}", highlight=False)
+    return 0
+
+
 # -- helpers -------------------------------------------------------------------------------------
 
 
@@ -267,6 +285,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--json", action="store_true")
 
     command("retry", retry).add_argument("id")
+
+    sub = command("cancel", cancel)
+    sub.add_argument("id")
+    sub.add_argument("--json", action="store_true")
     return parser
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import timedelta
+from enum import StrEnum
 from typing import Any, Optional, Union
 
 from dramatiq import Message
@@ -17,6 +18,7 @@ from dramatiq.errors import ActorNotFound
 from .broker import MAX_PRIORITY, get_broker, get_store
 from .errors import DuplicateJob, EngineError, ResultNotReady, UnknownActor
 from .job import Attempt, Job, JobState
+from .middleware.cancellation import Cancellation
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,72 @@ def retry(job_id: str) -> Job:
     )
     get_broker().enqueue(message)
     return store.get(job_id)
+
+
+class CancelOutcome(StrEnum):
+    """What `cancel` did."""
+
+    CANCELED = "canceled"  # the job is canceled: it never started, or it was stopped already
+    REQUESTED = "cancel-requested"  # it is running: its worker is interrupting it now
+    ALREADY_FINISHED = "already-finished"  # it had succeeded or failed: nothing was changed
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    """The answer of `cancel`: the job as it is after the request, and what was done."""
+
+    job: Job
+    outcome: CancelOutcome
+
+
+def cancel(job_id: str) -> CancelResult:
+    """Cancel a job: a waiting one never starts, a running one is stopped within a second.
+
+    A `scheduled` or `queued` job is `canceled` at once; whichever worker receives its message
+    later skips it. A `running` job is interrupted by the worker process that runs it, on any
+    host: `JobCanceled` is raised in its thread, wherever its code is, and the attempt is
+    recorded as `canceled` (never retried). Code blocked in C or in a system call (a long
+    ``time.sleep``, a socket read) stops when it returns to Python. The request is kept in the
+    store, so a worker that missed it still stops the job within ``ENGINE_CANCEL_CHECK_INTERVAL_S``.
+
+    Cancelling is idempotent: a job canceled already answers `canceled` again, a running one
+    `cancel-requested` again; a job that succeeded or failed is left as it is
+    (`already-finished`). A canceled job can be run again with `retry`.
+
+    Parameters:
+      job_id(str): the job to cancel.
+
+    Returns:
+      CancelResult: the job after the request and the `CancelOutcome`: `canceled`,
+      `cancel-requested` (running: wait for its state to become `canceled`) or
+      `already-finished`.
+
+    Raises:
+      JobNotFound: no job has this id.
+    """
+    job = get_store().request_cancel(job_id)
+    if job.state == JobState.RUNNING:
+        for middleware in get_broker().middleware:
+            if isinstance(middleware, Cancellation):
+                middleware.broadcast(job_id)
+        return CancelResult(job, CancelOutcome.REQUESTED)
+    if job.state == JobState.CANCELED:
+        return CancelResult(job, CancelOutcome.CANCELED)
+    return CancelResult(job, CancelOutcome.ALREADY_FINISHED)
+
+
+def queue_depths() -> dict[str, dict[str, int]]:
+    """How many messages each queue holds, by kind, from the broker.
+
+    Returns:
+      {queue: {"ready": n, "delayed": n, "dead": n, ...}}: ready to run, waiting for their due
+      time, dead-lettered. The embedded broker adds "running" (delivered and not yet settled);
+      RabbitMQ does not count delivered messages it has not had acknowledged.
+
+    Raises:
+      dramatiq.errors.BrokerConnectionError: the broker cannot be reached.
+    """
+    return get_broker().queue_depths()  # type: ignore[attr-defined]
 
 
 def _delay_ms(delay: Union[float, timedelta, None]) -> Optional[int]:

@@ -6,11 +6,24 @@ the CLI and the HTTP API can show it as it is, without a stack trace.
 
 from __future__ import annotations
 
-from dramatiq.middleware import MiddlewareError
+from dramatiq.errors import ConnectionClosed
+from dramatiq.middleware import Interrupt, MiddlewareError
 
 
 class EngineError(Exception):
     """Base class of every error the engine raises on purpose."""
+
+
+class JobCanceled(Interrupt):
+    """Raised inside a running job whose cancel was requested, to stop it there.
+
+    It is a Dramatiq `Interrupt` (a BaseException, like TimeLimitExceeded), so that an actor's
+    ``except Exception`` does not swallow it. An actor may catch it to clean up, and should then
+    raise it again; the attempt is recorded as `canceled`, the job is `canceled` and never retried.
+    """
+
+    def __init__(self, message: str = "the job was canceled") -> None:
+        super().__init__(message)
 
 
 class ConfigError(EngineError):
@@ -80,3 +93,22 @@ class DuplicateJob(TrackingError):
     def __init__(self, idempotency_key: str) -> None:
         super().__init__(f"a job with idempotency key {idempotency_key!r} exists already")
         self.idempotency_key = idempotency_key
+
+
+class BrokerUnavailable(EngineError, ConnectionClosed):
+    """RabbitMQ did not take a new job's message, so the job was not recorded either.
+
+    Nothing was enqueued: sending again later is safe. It is also a Dramatiq `ConnectionClosed`,
+    which is what code written for Dramatiq's RabbitMQ broker catches.
+
+    Attributes:
+      address(str): where RabbitMQ was expected (``host:port/vhost``, without credentials).
+      job_id(str): the id the job would have had.
+    """
+
+    def __init__(self, address: str, job_id: str, reason: str) -> None:
+        super().__init__(
+            f"RabbitMQ at {address} is unavailable, so nothing was enqueued (job {job_id} was not created): {reason}"
+        )
+        self.address = address
+        self.job_id = job_id

@@ -43,6 +43,14 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.CANCELED: frozenset({JobState.SCHEDULED, JobState.QUEUED, JobState.RUNNING}),
 }
 
+#: The narrower moves of a job whose message is sent again by the broker or by Retries: a retry
+#: starts its backoff, a delayed message falls due. A finished job never moves this way (only
+#: `engine.retry` requeues one), so a stale message cannot revive a canceled job.
+REENQUEUE_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.SCHEDULED: frozenset({JobState.RUNNING}),
+    JobState.QUEUED: frozenset({JobState.SCHEDULED}),
+}
+
 
 class Outcome(StrEnum):
     """How one attempt ended; one attempt row per execution keeps it."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .middleware.cancellation import cancel_requested
 from .middleware.tracking import current_attempt
 
 
@@ -17,11 +18,14 @@ def progress(percent: float, message: Optional[str] = None) -> None:
       percent(float): from 0 to 100.
       message(str): what the job is doing, e.g. "row 1200 of 5000".
 
-    Outside a job (an actor called as a plain function, in a test say) it does nothing.
+    It is also a cancellation checkpoint (see `engine.cancel_requested`). Outside a job (an
+    actor called as a plain function, in a test say) it does nothing.
 
     Raises:
       ValueError: when percent is outside 0..100.
+      JobCanceled: the job's cancel was requested.
     """
+    cancel_requested()
     if not 0 <= percent <= 100:
         raise ValueError(f"progress must be between 0 and 100, got {percent}")
     attempt = current_attempt.get()

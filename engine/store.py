@@ -13,7 +13,7 @@ import json
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 from sqlalchemy import Connection, Engine, and_, create_engine, delete, event, func, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -21,8 +21,8 @@ from sqlalchemy.exc import IntegrityError
 
 from . import migrations
 from .errors import DuplicateJob, EngineError, InvalidJobState, JobNotFound
-from .job import FINISHED_STATES, TRANSITIONS, Attempt, Job, JobState, Outcome
-from .schema import attempts, jobs
+from .job import FINISHED_STATES, REENQUEUE_TRANSITIONS, TRANSITIONS, Attempt, Job, JobState, Outcome
+from .schema import attempts, jobs, workers
 
 
 def _create_engine(url: str) -> Engine:
@@ -63,6 +63,19 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         return float(created_at), str(job_id)
     except (ValueError, TypeError) as error:
         raise EngineError(f"malformed cursor {cursor!r}: pass back the next_cursor of a previous page") from error
+
+
+class AttemptStart(NamedTuple):
+    """What `Store.start_attempt` decided.
+
+    Attributes:
+      number(int): the new attempt's number when the job is to run now, else None.
+      running_elsewhere(bool): the job is running under a live worker: look again later, as
+        that worker may still die before it ends.
+    """
+
+    number: Optional[int]
+    running_elsewhere: bool = False
 
 
 class Store:
@@ -145,7 +158,13 @@ class Store:
             except IntegrityError:
                 raise DuplicateJob(row["idempotency_key"]) from None
             if inserted is None:
-                self._transition(connection, row["id"], state, scheduled_for=row["scheduled_for"])
+                self._transition(
+                    connection,
+                    row["id"],
+                    state,
+                    from_states=REENQUEUE_TRANSITIONS[state],
+                    scheduled_for=row["scheduled_for"],
+                )
 
     def find_by_idempotency_key(self, key: str) -> Optional[Job]:
         with self.reading() as connection:
@@ -159,40 +178,98 @@ class Store:
           JobNotFound, InvalidJobState
         """
         with self.transaction() as connection:
-            if not self._transition(connection, job_id, JobState.QUEUED, finished_at=None, scheduled_for=None):
+            # The new run must not inherit the cancel request of the one before.
+            reset = {"finished_at": None, "scheduled_for": None, "cancel_requested_at": None}
+            if not self._transition(connection, job_id, JobState.QUEUED, **reset):
                 job = self.get(job_id)
                 raise InvalidJobState(f"job {job_id} is {job.state}; only failed or canceled jobs can be retried")
             return self.get(job_id)
 
-    # -- attempts ------------------------------------------------------------------------------
+    # -- unsent messages -----------------------------------------------------------------------
 
-    def start_attempt(self, job_id: str, *, host: str, pid: int, redelivered: bool) -> Optional[int]:
-        """Move the job to `running` and open an attempt row, in one transaction.
+    def forget_unsent(self, job_id: str, *, recorded_since: float) -> bool:
+        """Delete the row of a new job whose message the broker did not take, so that no job
+        waits as `queued` for a message that does not exist.
 
-        A redelivered message whose job is still `running` lost its worker: the open attempt is
-        closed as `abandoned` and a new one starts.
+        Only a row recorded by that enqueue goes: still `queued` or `scheduled`, never started,
+        and created at or after `recorded_since` (when the enqueue began). The row of a job
+        recorded before (a retry, a delayed message falling due, a job requeued by hand) stays.
 
         Returns:
-          The new attempt's number, or None when the job must not run (it is finished,
-          canceled, unknown, or running under a live delivery).
+          bool: True if the row was deleted.
+        """
+        with self.transaction() as connection:
+            deleted = connection.execute(
+                delete(jobs).where(
+                    jobs.c.id == job_id,
+                    jobs.c.state.in_([JobState.QUEUED, JobState.SCHEDULED]),
+                    jobs.c.attempts == 0,
+                    jobs.c.created_at >= recorded_since,
+                )
+            )
+        return deleted.rowcount == 1
+
+    # -- attempts ------------------------------------------------------------------------------
+
+    def start_attempt(
+        self, job_id: str, *, host: str, pid: int, worker_id: Optional[str], dead_after_s: float
+    ) -> AttemptStart:
+        """Move the job to `running` and open an attempt row, in one transaction.
+
+        A job found `running` already is run again only if the worker of its open attempt is
+        dead: silent for `dead_after_s`, stopped, or unknown. That attempt is then closed as
+        `abandoned`. Under a live worker it is left alone, however long it runs: liveness, not
+        a timeout, decides. Two deliveries racing to rerun it are settled by a compare-and-set
+        on the attempt count, so at most one wins.
         """
         now = time.time()
-        started = jobs.update().values(attempts=jobs.c.attempts + 1, started_at=now, updated_at=now)
         with self.transaction() as connection:
-            runnable = started.values(state=JobState.RUNNING).where(
-                jobs.c.id == job_id, jobs.c.state.in_(TRANSITIONS[JobState.RUNNING])
+            queued = (
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.state.in_(TRANSITIONS[JobState.RUNNING]))
+                .values(state=JobState.RUNNING, attempts=jobs.c.attempts + 1, started_at=now, updated_at=now)
             )
-            number = connection.execute(runnable.returning(jobs.c.attempts)).scalar()
-            if number is None and redelivered:
-                if self._close_open_attempts(connection, job_id, Outcome.ABANDONED, now):
-                    rerun = started.where(jobs.c.id == job_id, jobs.c.state == JobState.RUNNING)
-                    number = connection.execute(rerun.returning(jobs.c.attempts)).scalar()
+            number = connection.execute(queued.returning(jobs.c.attempts)).scalar()
             if number is None:
-                return None
+                number = self._rerun_if_abandoned(connection, job_id, now, dead_after_s)
+                if number is None:
+                    state = connection.execute(select(jobs.c.state).where(jobs.c.id == job_id)).scalar()
+                    return AttemptStart(None, running_elsewhere=state == JobState.RUNNING)
             connection.execute(
-                attempts.insert().values(job_id=job_id, number=number, worker_host=host, worker_pid=pid, started_at=now)
+                attempts.insert().values(
+                    job_id=job_id, number=number, worker_host=host, worker_pid=pid, worker_id=worker_id, started_at=now
+                )
             )
-            return number
+            return AttemptStart(number)
+
+    def _rerun_if_abandoned(
+        self, connection: Connection, job_id: str, now: float, dead_after_s: float
+    ) -> Optional[int]:
+        """Take over a `running` job whose worker died; the new attempt number, or None."""
+        open_attempt = attempts.c.finished_at.is_(None)
+        found = connection.execute(
+            select(jobs.c.attempts, workers.c.heartbeat_at, workers.c.stopped_at)
+            .select_from(
+                jobs.outerjoin(attempts, and_(attempts.c.job_id == jobs.c.id, open_attempt)).outerjoin(
+                    workers, workers.c.id == attempts.c.worker_id
+                )
+            )
+            .where(jobs.c.id == job_id, jobs.c.state == JobState.RUNNING)
+        ).first()
+        if found is None:
+            return None
+        alive = found.heartbeat_at is not None and found.stopped_at is None and now - found.heartbeat_at < dead_after_s
+        if alive:
+            return None
+        number = connection.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.state == JobState.RUNNING, jobs.c.attempts == found.attempts)
+            .values(attempts=jobs.c.attempts + 1, started_at=now, updated_at=now)
+            .returning(jobs.c.attempts)
+        ).scalar()
+        if number is not None:
+            self._close_open_attempts(connection, job_id, Outcome.ABANDONED, now)
+        return number
 
     def finish_attempt(
         self,
@@ -242,6 +319,30 @@ class Store:
                 jobs.update()
                 .where(jobs.c.id == job_id, jobs.c.state == JobState.RUNNING)
                 .values(progress_percent=percent, progress_message=message, updated_at=time.time())
+            )
+
+    # -- workers -------------------------------------------------------------------------------
+
+    def heartbeat(self, worker_id: str, *, host: str, pid: int) -> None:
+        """Say that the worker process lives; its first heartbeat registers it."""
+        now = time.time()
+        beat = (
+            self._insert(workers)
+            .values(id=worker_id, host=host, pid=pid, started_at=now, heartbeat_at=now)
+            .on_conflict_do_update(index_elements=["id"], set_={"heartbeat_at": now})
+        )
+        with self.transaction() as connection:
+            connection.execute(beat)
+
+    def mark_workers_stopped(
+        self, *, worker_id: Optional[str] = None, host: Optional[str] = None, pid: Optional[int] = None
+    ) -> None:
+        """Record that a worker process is gone, by id or by host and pid (the supervisor knows
+        only the pid of a child that died): its running jobs may be taken over at once."""
+        condition = workers.c.id == worker_id if worker_id else and_(workers.c.host == host, workers.c.pid == pid)
+        with self.transaction() as connection:
+            connection.execute(
+                update(workers).where(condition, workers.c.stopped_at.is_(None)).values(stopped_at=time.time())
             )
 
     # -- reads ---------------------------------------------------------------------------------
@@ -314,6 +415,46 @@ class Store:
             counts = dict(connection.execute(query).all())
         return {state: counts.get(state, 0) for state in JobState}
 
+    # -- cancellation --------------------------------------------------------------------------
+
+    def request_cancel(self, job_id: str) -> Job:
+        """Cancel a job, or ask its worker to, in one transaction with the row locked.
+
+        A `scheduled` or `queued` job becomes `canceled` at once (compare-and-set, with its
+        finished_at): whichever worker receives its message later skips it. A `running` job
+        stays `running` with ``cancel_requested_at`` set, durably: its worker interrupts it and
+        records it `canceled`. A finished job is left as it is. ``cancel_requested_at`` keeps
+        the first request's time when the job is canceled twice.
+
+        Returns:
+          Job: the job after the request: `canceled`, `running` (the request is recorded), or
+          the finished state it already had.
+
+        Raises:
+          JobNotFound
+        """
+        now = time.time()
+        with self.transaction() as connection:
+            state = connection.execute(select(jobs.c.state).where(jobs.c.id == job_id).with_for_update()).scalar()
+            if state is None:
+                raise JobNotFound(job_id)
+            requested = func.coalesce(jobs.c.cancel_requested_at, now)
+            if state in (JobState.SCHEDULED, JobState.QUEUED):
+                self._transition(connection, job_id, JobState.CANCELED, finished_at=now, cancel_requested_at=requested)
+            elif state == JobState.RUNNING:
+                connection.execute(
+                    jobs.update().where(jobs.c.id == job_id).values(cancel_requested_at=requested, updated_at=now)
+                )
+            return self.get(job_id)
+
+    def cancel_requests(self, job_ids: list[str]) -> set[str]:
+        """Which of these jobs have a cancel request: a worker asks about the jobs it runs."""
+        if not job_ids:
+            return set()
+        query = select(jobs.c.id).where(jobs.c.id.in_(job_ids), jobs.c.cancel_requested_at.is_not(None))
+        with self.reading() as connection:
+            return set(connection.execute(query).scalars())
+
     # -- retention -----------------------------------------------------------------------------
 
     def purge_finished(
@@ -354,11 +495,19 @@ class Store:
     # -- internals -----------------------------------------------------------------------------
 
     @staticmethod
-    def _transition(connection: Connection, job_id: str, to: JobState, **values: Any) -> bool:
-        """Compare-and-set the job's state; False when its current state does not allow `to`."""
+    def _transition(
+        connection: Connection,
+        job_id: str,
+        to: JobState,
+        *,
+        from_states: Optional[frozenset[JobState]] = None,
+        **values: Any,
+    ) -> bool:
+        """Compare-and-set the job's state from `from_states` (by default, every state
+        `TRANSITIONS` allows before `to`); False when its current state is not one of them."""
         moved = connection.execute(
             update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.state.in_(TRANSITIONS[to]))
+            .where(jobs.c.id == job_id, jobs.c.state.in_(from_states or TRANSITIONS[to]))
             .values({"state": to, "updated_at": time.time(), **values})
         )
         return moved.rowcount == 1

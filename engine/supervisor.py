@@ -10,6 +10,9 @@ each such death, so a broken deployment does not spin. A worker that exits with
 `engine.worker.EXIT_CONFIG` has printed why it cannot start, and starting it again would not
 help: the supervisor stops the others and returns that code.
 
+The supervisor also records a worker's death in the store as soon as it reaps it, so that jobs
+the worker was running are taken over at once instead of after its heartbeat goes stale.
+
 Workers are bound to the supervisor: on Linux the kernel kills them when it dies, even by
 SIGKILL. The binding is to the thread that started them, so `Supervisor.run` must stay in the
 main thread for as long as its workers live (signal handlers need the main thread anyway).
@@ -29,8 +32,10 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from loguru import logger
+from sqlalchemy.exc import SQLAlchemyError
 
 from .settings import Settings
+from .store import Store
 from .worker import EXIT_CONFIG
 
 #: A worker that dies sooner than this after its start is crashing, and its restart is delayed.
@@ -100,6 +105,8 @@ class Supervisor:
         if queues:
             self.command += ["--queues", ",".join(queues)]
         self.slots = [Slot(index) for index in range(processes)]
+        self.store = Store(settings.store_url)
+        self.host = socket.gethostname()
         self.exit_code = 0
         self.stop_requests = 0
         self._wakeup, self._wakeup_writer = socket.socketpair()
@@ -122,6 +129,7 @@ class Supervisor:
                 self._stop_workers()
             finally:
                 self._kill_workers()
+                self.store.close()
         return self.exit_code
 
     def stop(self) -> None:
@@ -162,11 +170,19 @@ class Supervisor:
             how = _describe_exit(code)
             logger.log(level, "Worker {} (pid {}) {} after {:.1f} s.", slot.index, process.pid, how, uptime)
             slot.process = None
+            self._record_death(process.pid)
             if code == EXIT_CONFIG:
                 logger.error("Worker {} cannot start as configured; stopping the others.", slot.index)
                 self.exit_code = EXIT_CONFIG
             elif not self.stop_requests and not self.exit_code:
                 self._schedule_restart(slot, uptime)
+
+    def _record_death(self, pid: int) -> None:
+        try:
+            self.store.mark_workers_stopped(host=self.host, pid=pid)
+        except SQLAlchemyError as error:
+            # Its heartbeat will go stale instead: its jobs are taken over a little later.
+            logger.warning("Could not record the end of worker pid {}: {}", pid, error)
 
     def _schedule_restart(self, slot: Slot, uptime: float) -> None:
         if uptime >= HEALTHY_UPTIME_S:

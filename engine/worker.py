@@ -66,6 +66,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     broker.emit_after("process_boot")
     worker = Worker(broker, queues=args.queues, worker_threads=args.threads or settings.worker_threads)
+    # One message per thread, not Dramatiq's two: a short job must not wait behind a long one in a busy process.
+    worker.queue_prefetch = settings.prefetch or worker.worker_threads
     worker.start()
     logger.info("Worker process is ready for action.")
     stop.wait()

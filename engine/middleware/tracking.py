@@ -7,7 +7,9 @@ The path of a job through this middleware:
   embedded broker this runs inside the broker's transaction, so the row and the message are
   committed together. If the row cannot be written, the enqueue is aborted.
 - ``before_process_message``: compare-and-set to `running` and an attempt row; a message whose
-  job is finished or canceled is skipped (acked without running).
+  job is finished or canceled is skipped (acked without running). A message whose job is
+  already `running` under a live worker (a redelivery) is skipped too, and a re-check of it is
+  scheduled: should that worker die before the job ends, the re-check runs it again.
 - ``after_process_message``: the attempt's outcome and the job's end state, written before the
   message is acknowledged. It runs after Retries has decided (this middleware sits before
   Retries in the list, and Dramatiq calls ``after_*`` hooks in reverse), so a failed message is
@@ -24,21 +26,30 @@ import time
 import traceback
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 from dramatiq import Broker, Message, Middleware
 from dramatiq.broker import MessageProxy
 from dramatiq.common import q_name
 from dramatiq.middleware import SkipMessage, TimeLimitExceeded
 from loguru import logger
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
-from ..errors import ArgumentsNotSerializable, ResultNotSerializable, ResultTooLarge, TrackingError
+from ..errors import ArgumentsNotSerializable, JobCanceled, ResultNotSerializable, ResultTooLarge, TrackingError
 from ..job import JobState, Outcome
 from ..store import Store
+from .heartbeat import Heartbeat
+
+T = TypeVar("T")
+
+#: Marks a message sent only to look at a running job again later: it records no new job.
+RECHECK_OPTION = "engine_recheck"
 
 #: Message options that describe one delivery, not the job: not kept for a later requeue.
-_TRANSIENT_OPTIONS = frozenset({"eta", "retries", "traceback", "requeue_timestamp"})
+_TRANSIENT_OPTIONS = frozenset({"eta", "retries", "traceback", "requeue_timestamp", RECHECK_OPTION})
+
+#: The longest pause between two tries of a store write during an outage.
+STORE_RETRY_MAX_PAUSE_S = 5.0
 
 #: Progress is written at most this often per job; the last value always lands at the end.
 PROGRESS_INTERVAL_S = float(os.getenv("ENGINE_PROGRESS_INTERVAL_S", "0.5"))
@@ -51,6 +62,7 @@ class RunningAttempt:
     job_id: str
     number: int
     store: Store
+    retry_enqueued: bool = False
     progress_written_at: float = 0.0
     pending_progress: Optional[tuple[float, Optional[str]]] = field(default=None)
 
@@ -81,18 +93,32 @@ class Tracking(Middleware):
 
     Parameters:
       store(Store): where jobs and attempts are written.
+      heartbeat(Heartbeat): this process's worker identity, recorded with each attempt.
+      dead_after_s(float): a worker silent this long is dead, and its running jobs run again.
       result_max_bytes(int): results larger than this, JSON-encoded, fail the job.
       traceback_max_bytes(int): tracebacks are cut to their last this many characters.
     """
 
-    def __init__(self, store: Store, *, result_max_bytes: int, traceback_max_bytes: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        heartbeat: Heartbeat,
+        dead_after_s: float,
+        result_max_bytes: int,
+        traceback_max_bytes: int,
+    ) -> None:
         self.store = store
+        self.heartbeat = heartbeat
+        self.dead_after_s = dead_after_s
         self.result_max_bytes = result_max_bytes
         self.traceback_max_bytes = traceback_max_bytes
         self.host = socket.gethostname()
         logging.getLogger("dramatiq.worker.WorkerThread").addFilter(_ResultsAreStored())
 
     def before_enqueue(self, broker: Broker, message: Message, delay: Optional[int]) -> None:
+        if message.options.get(RECHECK_OPTION):
+            return  # the job's row exists and is `running`: nothing to record
         now = time.time()
         try:
             args, kwargs = json.dumps(message.args), json.dumps(message.kwargs)
@@ -119,19 +145,30 @@ class Tracking(Middleware):
             raise TrackingError(f"could not record job {message.message_id} in the store: {error}") from error
 
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
-        try:
-            number = self.store.start_attempt(
-                message.message_id,
-                host=self.host,
-                pid=os.getpid(),
-                redelivered=getattr(message, "redelivered", False),
-            )
-        except SQLAlchemyError as error:
-            raise TrackingError(f"could not start job {message.message_id}: {error}") from error
-        if number is None:
+        start = _until_stored(
+            self.store.start_attempt,
+            message.message_id,
+            host=self.host,
+            pid=os.getpid(),
+            worker_id=self.heartbeat.worker_id,
+            dead_after_s=self.dead_after_s,
+        )
+        if start.running_elsewhere:
+            logger.info("Job {} runs under a live worker; looking again in {} s.", message.message_id, self.dead_after_s)
+            recheck = message.copy(options={**message.options, RECHECK_OPTION: True})
+            broker.enqueue(recheck, delay=int(self.dead_after_s * 1000))
+            raise SkipMessage(message.message_id)
+        if start.number is None:
             logger.info("Skipping job {}: it is not runnable (finished, canceled or unknown).", message.message_id)
             raise SkipMessage(message.message_id)
-        current_attempt.set(RunningAttempt(message.message_id, number, self.store))
+        # From here on this message is the job's own: a retry of it must be recorded as one.
+        message.options.pop(RECHECK_OPTION, None)
+        current_attempt.set(RunningAttempt(message.message_id, start.number, self.store))
+
+    def after_enqueue(self, broker: Broker, message: Message, delay: Optional[int]) -> None:
+        attempt = current_attempt.get()
+        if attempt is not None and attempt.job_id == message.message_id:
+            attempt.retry_enqueued = True
 
     def after_process_message(
         self,
@@ -147,8 +184,13 @@ class Tracking(Middleware):
         current_attempt.set(None)
         if exception is None:
             self._record_success(message, attempt, result)
-        else:
-            self._record_failure(message, attempt, exception)
+            return
+        if not message.failed and not attempt.retry_enqueued:
+            # Retries could not re-enqueue it (the broker or the store was down): dead-letter
+            # it and fail the job visibly rather than ack it away; `engine retry` can requeue it.
+            logger.error("The retry of job {} could not be enqueued; failing it.", attempt.job_id)
+            message.fail()
+        self._record_failure(message, attempt, exception)
 
     def _record_success(self, message: MessageProxy, attempt: RunningAttempt, result: Any) -> None:
         try:
@@ -160,20 +202,27 @@ class Tracking(Middleware):
             self._finish(attempt, Outcome.SUCCEEDED, state=JobState.SUCCEEDED, result=encoded)
 
     def _record_failure(self, message: MessageProxy, attempt: RunningAttempt, exception: BaseException) -> None:
-        if isinstance(exception, TimeLimitExceeded):
+        # Without failure, Retries has already moved the job to `scheduled` by re-enqueueing it.
+        state = JobState.FAILED if message.failed else None
+        if isinstance(exception, JobCanceled):  # never retried: Retries fails it at once
+            outcome, state = Outcome.CANCELED, JobState.CANCELED
+        elif isinstance(exception, TimeLimitExceeded):
             outcome = Outcome.TIMED_OUT
         elif message.failed:
             outcome = Outcome.FAILED
         else:
             outcome = Outcome.WILL_RETRY
-        # Without failure, Retries has already moved the job to `scheduled` by re-enqueueing it.
-        state = JobState.FAILED if message.failed else None
         trace = "".join(traceback.format_exception(exception))[-self.traceback_max_bytes :]
         self._finish(attempt, outcome, state=state, error=exception, traceback=trace)
 
     def _finish(self, attempt: RunningAttempt, outcome: Outcome, **fields: Any) -> None:
-        self.store.finish_attempt(
-            attempt.job_id, attempt.number, outcome, progress=attempt.pending_progress, **fields
+        _until_stored(
+            self.store.finish_attempt,
+            attempt.job_id,
+            attempt.number,
+            outcome,
+            progress=attempt.pending_progress,
+            **fields,
         )
 
     def _encode_result(self, result: Any) -> Optional[str]:
@@ -189,3 +238,20 @@ class Tracking(Middleware):
                 "(ENGINE_RESULT_MAX_BYTES): store large output elsewhere and return its location"
             )
         return encoded
+
+
+def _until_stored(write: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a store write, retrying for as long as the database is unreachable.
+
+    A worker must neither run a job it could not record nor ack one whose end it could not
+    record, and it can do nothing else useful without the store: it waits. Should the worker
+    be stopped meanwhile, the message is not acked and goes back to the queue.
+    """
+    pause = 0.1
+    while True:
+        try:
+            return write(*args, **kwargs)
+        except (OperationalError, InterfaceError) as error:
+            logger.warning("The store is unreachable ({}); retrying in {:.1f} s.", type(error).__name__, pause)
+            time.sleep(pause)
+            pause = min(pause * 2, STORE_RETRY_MAX_PAUSE_S)

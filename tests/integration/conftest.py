@@ -16,13 +16,13 @@ import signal
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 from typing import Callable, Iterator
 
 import pika
 import psycopg
 import pytest
 
+import engine
 import engine.broker
 import engine.settings
 
@@ -59,7 +59,7 @@ def _purge(amqp_url: str) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     channel = connection.channel()
     for queue in TEST_QUEUES:
-        for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+        for name in (queue, f"{queue}.DQ", f"{queue}.HQ", f"{queue}.XQ"):
             channel.queue_delete(name)
     connection.close()
 
@@ -140,3 +140,50 @@ def start_engine(engine_env, tmp_path) -> Iterator[Callable[..., EngineProcess]]
             pass
     for process in started:
         sys.stderr.write(f"--- {' '.join(process.args)} output ---\n{process.output()[-6000:]}\n")
+
+
+def _rabbit_setting(name: str, value: str | None = None) -> str:
+    """Read (or set) a setting of the running RabbitMQ node through `rabbitmqctl eval`."""
+    expression = f"application:set_env(rabbit, {name}, {value})." if value else f"application:get_env(rabbit, {name})."
+    done = subprocess.run(["rabbitmqctl", "eval", expression], check=True, capture_output=True, text=True, timeout=60)
+    return done.stdout.strip()
+
+
+@pytest.fixture
+def consumer_timeout_ms() -> Iterator[int]:
+    """RabbitMQ's consumer_timeout lowered to 3 s (checked every second) for channels opened
+    during the test; the node's values are restored after it."""
+    saved = {name: _rabbit_setting(name) for name in ("consumer_timeout", "channel_tick_interval")}
+    _rabbit_setting("consumer_timeout", "3000")
+    _rabbit_setting("channel_tick_interval", "1000")
+    yield 3000
+    for name, previous in saved.items():
+        # `{ok,1800000}` when set, `undefined` when it was the default.
+        value = previous.removeprefix("{ok,").removesuffix("}") if previous.startswith("{ok,") else None
+        if value:
+            _rabbit_setting(name, value)
+        else:
+            subprocess.run(["rabbitmqctl", "eval", f"application:unset_env(rabbit, {name})."], check=True, timeout=60)
+
+
+#: The hold time of `short_hold`: delays longer than this wait in the hold queue.
+HOLD_MS = 1_000
+
+
+@pytest.fixture
+def short_hold(engine_env) -> Iterator[int]:
+    """Delays longer than 1 s wait in the hold queue, in the workers and in this process.
+
+    RabbitMQ keeps a queue's TTL from its first declaration, so the hold queue of other
+    tests' hold time is deleted before and after."""
+
+    def delete_hold_queue() -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(engine_env["ENGINE_BROKER_URL"]))
+        connection.channel().queue_delete("default.HQ")
+        connection.close()
+
+    delete_hold_queue()
+    engine_env["ENGINE_DELAY_HOLD_MS"] = str(HOLD_MS)  # the workers'
+    engine.get_broker().delay_hold_ms = HOLD_MS  # this process's, built before the test began
+    yield HOLD_MS
+    delete_hold_queue()

@@ -65,3 +65,47 @@ def counted(steps: int):
         engine.progress(100 * step / steps, f"step {step} of {steps}")
         time.sleep(0.01)
     return {"steps": steps}
+
+
+# -- cancellation ---------------------------------------------------------------------------------
+
+
+def _record_start() -> None:
+    """Appends a line to ``$ENGINE_TEST_SIDE_EFFECTS/<job id>.started`` each time a body starts."""
+    folder = os.environ.get("ENGINE_TEST_SIDE_EFFECTS")
+    if folder:
+        job_id = CurrentMessage.get_current_message().message_id
+        with open(Path(folder) / f"{job_id}.started", "a") as starts:
+            starts.write(f"{os.getpid()}\n")
+
+
+@engine.actor(max_retries=3, min_backoff=100)
+def tight_loop(seconds: float):
+    """A pure-Python loop that never checks for a cancel: only a thread interrupt stops it."""
+    _record_start()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pass
+    _record_completion()
+
+
+@engine.actor(max_retries=3, min_backoff=100)
+def cooperative(steps: int):
+    """Reports progress and checks for a cancel at each step; its ``except Exception`` must not
+    swallow the cancel."""
+    _record_start()
+    for step in range(1, steps + 1):
+        try:
+            engine.progress(100 * step / steps, f"step {step} of {steps}")
+            engine.cancel_requested()
+            time.sleep(0.01)
+        except Exception:
+            pass
+    _record_completion()
+
+
+@engine.actor(max_retries=3, min_backoff=4_000, max_backoff=4_000)
+def always_failing():
+    """Fails every attempt, then waits 2 to 4 s as `scheduled` before the next."""
+    _record_start()
+    raise ConnectionError("still down")

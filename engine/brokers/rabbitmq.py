@@ -1,0 +1,607 @@
+"""The RabbitMQ broker: Dramatiq's, with what a long-lived deployment needs on top.
+
+- Long delays wait in a hold queue, not in a consumer. Dramatiq keeps a delayed message
+  unacknowledged in a worker's memory until it is due, and RabbitMQ closes the channel of a
+  consumer that holds a delivery longer than its ``consumer_timeout`` (30 minutes by default):
+  a job delayed by hours would break its worker's consumer again and again. Here a message due
+  later than `delay_hold_ms` goes to ``<queue>.HQ``, a queue with that TTL which dead-letters
+  into ``<queue>.DQ``. When it comes out, the delay queue's consumer sends it back to the hold
+  queue if it is still not due within `delay_hold_ms`, and holds it the Dramatiq way otherwise.
+  All messages of a hold queue have the same TTL, so they expire in the order they entered it
+  and none waits behind another. No plugin is needed.
+- Sending threads share a bounded pool of connections (Dramatiq opens one per sending thread
+  and keeps it for the thread's life, which a web server with a thread per request turns into
+  a leak).
+- Publisher confirms are on, and a job whose first message RabbitMQ did not take is not left
+  behind as `queued`: its row is deleted again and `BrokerUnavailable` is raised, within
+  seconds, naming the broker.
+- `queue_depths`, the same report as the embedded broker's.
+- Quorum queues on request (replicated; RabbitMQ 3.10 gives them no priorities).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional, TypeVar, Union
+
+import pika
+import pika.exceptions
+from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL, _RabbitmqConsumer
+from dramatiq.brokers.rabbitmq import RabbitmqBroker as _DramatiqRabbitmqBroker
+from dramatiq.common import current_millis, dq_name, q_name, xq_name
+from dramatiq.errors import ConnectionClosed, QueueJoinTimeout
+from dramatiq.message import Message
+from dramatiq.middleware import Middleware
+from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+
+from ..errors import BrokerUnavailable
+from ..middleware.tracking import Tracking
+from ..store import Store
+
+#: Delays longer than this (milliseconds) wait in the hold queue by default. It must stay below
+#: RabbitMQ's ``consumer_timeout`` (30 minutes unless configured), as a message due within it
+#: is held unacknowledged by a consumer until it is due.
+DEFAULT_DELAY_HOLD_MS = 10 * 60_000
+
+#: How many connections sending threads share by default.
+DEFAULT_POOL_SIZE = 8
+
+#: How long (seconds) a publish (or a queue declaration) keeps being tried, each time on a
+#: working or new connection, before `ConnectionClosed` is raised: long enough to ride out a
+#: RabbitMQ restart or failover (a second or two), short enough for a web request. Tries are
+#: `RETRY_DELAY` seconds apart at first, twice that after each failure, at most a second. With
+#: the connect timeouts below, a send to a RabbitMQ that is down fails after about 3 s when its
+#: host refuses connections, and about 4.5 s when the host does not answer at all.
+SEND_TIMEOUT = 3.0
+RETRY_DELAY = 0.25
+
+#: How often (milliseconds) a worker looks for delayed messages that have fallen due: they
+#: start at most this late (Dramatiq looks once per worker timeout, a second).
+DELAY_TICK_MS = 100
+
+#: Connect timeouts (seconds) of every connection the broker opens, unless the URL sets
+#: ``socket_timeout`` or ``stack_timeout``: pika's defaults, 10 s and 15 s, would hold a
+#: request for a minute before it learns that RabbitMQ is down.
+SOCKET_TIMEOUT = 2.0
+STACK_TIMEOUT = 5.0
+
+#: How long (seconds) a sending connection may stay blocked by RabbitMQ (a memory or disk
+#: alarm) before the send fails instead of hanging, unless the URL sets
+#: ``blocked_connection_timeout``.
+BLOCKED_CONNECTION_TIMEOUT = 10.0
+
+_T = TypeVar("_T")
+
+#: What a broken channel or connection raises; the operation is retried on another.
+_AMQP_ERRORS = (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError)
+
+
+def hq_name(queue_name: str) -> str:
+    """The hold queue of a queue: where messages delayed longer than the hold time wait."""
+    return q_name(queue_name) + ".HQ"
+
+
+class RabbitmqBroker(_DramatiqRabbitmqBroker):
+    """Dramatiq's RabbitMQ broker with long delays that survive ``consumer_timeout``, a bounded
+    connection pool for senders, and jobs never left `queued` without a message.
+
+    Each queue ``q`` comes with ``q.DQ`` (delayed messages due within `delay_hold_ms`, held by a
+    worker until due), ``q.HQ`` (delayed messages due later, waiting out a TTL of
+    `delay_hold_ms` at a time) and ``q.XQ`` (dead letters).
+
+    Connections: each worker process opens one per consumed queue and delay queue (Dramatiq's
+    consumers), plus at most `pool_size` shared by every thread that sends (``actor.send``,
+    `engine.submit`, retries, delayed messages falling due), plus one for `queue_depths` when
+    it is called. A sending thread borrows a connection for one publish and gives it back;
+    when all are lent it waits for one. A broken connection is dropped and replaced.
+
+    Parameters:
+      url(str|list[str]): the ``amqp://`` URL(s) of RabbitMQ. pika's URL options (e.g.
+        ``?heartbeat=30&socket_timeout=5``) apply; see :class:`dramatiq.brokers.rabbitmq.RabbitmqBroker`.
+      middleware(list[Middleware]): see :class:`Broker<dramatiq.Broker>`. When it includes
+        `Tracking`, a job whose first message cannot be sent is deleted from its store again.
+      max_priority(int): queues are declared with this ``x-max-priority``; None for none.
+      quorum_queues(bool): declare quorum queues (``x-queue-type: quorum``), replicated across
+        the cluster's nodes. RabbitMQ 3.10 quorum queues have no priorities, so `max_priority`
+        must then be None.
+      delay_hold_ms(int): delays longer than this wait in the hold queue. It must be below
+        RabbitMQ's ``consumer_timeout``; the hold queues are declared with it as their TTL,
+        which RabbitMQ will not change on an existing queue (see README, "RabbitMQ").
+      pool_size(int): how many connections sending threads share.
+      confirm_delivery(bool): wait for RabbitMQ to confirm each message has been taken.
+      parameters(list[dict]), **kwargs: pika connection parameters instead of a URL.
+
+    Raises:
+      ValueError: quorum queues with a max_priority, or a hold time or pool size below 1.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: Optional[Union[str, list[str]]] = None,
+        middleware: Optional[list[Middleware]] = None,
+        max_priority: Optional[int] = None,
+        quorum_queues: bool = False,
+        delay_hold_ms: int = DEFAULT_DELAY_HOLD_MS,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        confirm_delivery: bool = True,
+        parameters: Optional[list[dict[str, Any]]] = None,
+        **kwargs: Any,
+    ) -> None:
+        if quorum_queues and max_priority:
+            raise ValueError("RabbitMQ quorum queues have no priorities: pass max_priority=None with quorum_queues")
+        if delay_hold_ms < 1 or pool_size < 1:
+            raise ValueError(f"delay_hold_ms and pool_size must be at least 1, got {delay_hold_ms} and {pool_size}")
+        super().__init__(
+            confirm_delivery=confirm_delivery,
+            url=url,
+            middleware=middleware,
+            max_priority=max_priority,
+            parameters=parameters,
+            **kwargs,
+        )
+        for each in _as_list(self.parameters):
+            _default(each, "socket_timeout", SOCKET_TIMEOUT)
+            _default(each, "stack_timeout", STACK_TIMEOUT)
+        self.quorum_queues = quorum_queues
+        self.delay_hold_ms = delay_hold_ms
+        self.pool = _ChannelPool(_for_senders(self.parameters), pool_size, confirm_delivery=confirm_delivery)
+        self._depths_lock = threading.Lock()
+        self._depths_connection: Optional[BlockingConnection] = None
+        self._depths_channel: Optional[BlockingChannel] = None
+
+    @property
+    def consumer_class(self) -> type[_RabbitmqConsumer]:
+        return _HoldingConsumer
+
+    @property
+    def connection(self) -> BlockingConnection:
+        """Not available: Dramatiq's connection per thread is what the pool replaces."""
+        raise RuntimeError("this broker's connections are pooled: borrow a channel with `broker.pool.channel()`")
+
+    @property
+    def channel(self) -> BlockingChannel:
+        """Not available: Dramatiq's channel per thread is what the pool replaces."""
+        raise RuntimeError("this broker's connections are pooled: borrow a channel with `broker.pool.channel()`")
+
+    @property
+    def address(self) -> str:
+        """Where RabbitMQ is, for messages: ``host:port/vhost`` of each URL, without credentials."""
+        return ", ".join(f"{each.host}:{each.port}/{each.virtual_host}" for each in _as_list(self.parameters))
+
+    def close(self) -> None:
+        """Close the pooled connections (lent ones when they are given back) and the one of
+        `queue_depths`. The broker opens new ones if it is used again."""
+        self.pool.close()
+        with self._depths_lock:
+            self._close_depths_connection()
+        super().close()
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def enqueue(self, message: Message, *, delay: Optional[int] = None) -> Message:
+        """Enqueue a message, after `delay` milliseconds.
+
+        A message delayed by up to `delay_hold_ms` goes to the delay queue, as with Dramatiq; a
+        longer delay, to the hold queue. ``before_enqueue`` hooks run once, before the publish.
+
+        Raises:
+          BrokerUnavailable: RabbitMQ did not take the first message of a job; its row, which
+            Tracking had just written, is deleted again: nothing was enqueued.
+          ConnectionClosed: RabbitMQ did not take the message of a job recorded earlier (a
+            retry, a delayed message falling due); the job's row is left as it is.
+        """
+        canonical_name = q_name(message.queue_name)
+        routing_key = canonical_name
+        if delay is not None:
+            message = message.copy(queue_name=dq_name(canonical_name), options={"eta": current_millis() + delay})
+            routing_key = hq_name(canonical_name) if delay > self.delay_hold_ms else dq_name(canonical_name)
+
+        recorded_since = time.time()
+        self.declare_queue(canonical_name)
+        self.logger.debug("Enqueueing message %r on queue %r.", message.message_id, routing_key)
+        self.emit_before("enqueue", message, delay)
+        try:
+            self._publish(routing_key, message)
+        except ConnectionClosed as error:
+            if self._forget_new_job(message, recorded_since):
+                raise BrokerUnavailable(self.address, message.message_id, str(error)) from error
+            raise
+        self.emit_after("enqueue", message, delay)
+        return message
+
+    def hold(self, message: Message) -> None:
+        """Send a delayed message to its hold queue, to come back to its delay queue after
+        `delay_hold_ms`. No middleware runs: the job is still the same delayed job.
+
+        Raises:
+          ConnectionClosed: RabbitMQ did not take it.
+        """
+        self._publish(hq_name(message.queue_name), message)
+
+    def _publish(self, routing_key: str, message: Message) -> None:
+        properties = pika.BasicProperties(delivery_mode=2, priority=message.options.get("broker_priority"))
+        body = message.encode()
+        self._on_a_channel(
+            q_name(message.queue_name),
+            lambda channel: channel.basic_publish(
+                exchange="",
+                routing_key=routing_key,
+                body=body,
+                properties=properties,
+                # Only with confirms does RabbitMQ report a message that no queue took.
+                mandatory=self.confirm_delivery,
+            ),
+        )
+
+    def _on_a_channel(self, canonical_name: str, operation: Callable[[BlockingChannel], _T]) -> _T:
+        """Run `operation` on a pooled channel, after declaring the queue if it may be missing;
+        on a broken channel or connection, again on another, for up to `SEND_TIMEOUT` seconds.
+
+        Raises:
+          ConnectionClosed: the last try failed too.
+        """
+        deadline = time.monotonic() + SEND_TIMEOUT
+        pause = RETRY_DELAY
+        while True:
+            try:
+                with self.pool.channel() as channel:
+                    if canonical_name in self.queues_pending:
+                        self._declare_queues(channel, canonical_name)
+                        self.queues_pending.discard(canonical_name)
+                    return operation(channel)
+            except _AMQP_ERRORS as error:
+                # A message no queue took: its queue was deleted. Declare it again.
+                if isinstance(error, pika.exceptions.UnroutableError):
+                    self.queues_pending.add(canonical_name)
+                if time.monotonic() + pause > deadline:
+                    raise ConnectionClosed(error) from None
+                self.logger.debug("RabbitMQ failed (%r); trying again in %.2f s.", error, pause)
+                time.sleep(pause)
+                pause = min(2 * pause, 1.0)
+
+    def _forget_new_job(self, message: Message, recorded_since: float) -> bool:
+        """Delete the row of the job whose message was not sent, if this enqueue created it.
+
+        Returns:
+          bool: True if it was a new job, now forgotten; False if it was recorded before (the
+          job then still needs its message), or if no Tracking middleware records jobs.
+        """
+        store = self._store()
+        if store is None:
+            return False
+        try:
+            return store.forget_unsent(message.message_id, recorded_since=recorded_since)
+        except Exception:
+            self.logger.exception("Failed to delete job %s, whose message was not sent.", message.message_id)
+            return False
+
+    def _store(self) -> Optional[Store]:
+        for middleware in self.middleware:
+            if isinstance(middleware, Tracking):
+                return middleware.store
+        return None
+
+    # -- queues ------------------------------------------------------------------------------
+
+    def _ensure_queue(self, canonical_queue_name: str) -> None:
+        if canonical_queue_name in self.queues_pending:
+            self._on_a_channel(canonical_queue_name, lambda channel: None)
+
+    def _declare_queues(self, channel: BlockingChannel, queue_name: str) -> None:
+        """Declare a queue with its delay, hold and dead-letter queues."""
+        arguments = self._build_queue_arguments(queue_name)
+        channel.queue_declare(queue=queue_name, durable=True, arguments=arguments)
+        channel.queue_declare(queue=dq_name(queue_name), durable=True, arguments=arguments)
+        channel.queue_declare(queue=hq_name(queue_name), durable=True, arguments=self._build_hold_arguments(queue_name))
+        dead_letters: dict[str, Any] = {"x-message-ttl": DEAD_MESSAGE_TTL}
+        if self.quorum_queues:
+            dead_letters["x-queue-type"] = "quorum"
+        channel.queue_declare(queue=xq_name(queue_name), durable=True, arguments=dead_letters)
+
+    def _build_queue_arguments(self, queue_name: str) -> dict[str, Any]:
+        arguments = super()._build_queue_arguments(queue_name)
+        if self.quorum_queues:
+            arguments["x-queue-type"] = "quorum"
+        return arguments
+
+    def _build_hold_arguments(self, queue_name: str) -> dict[str, Any]:
+        # One TTL for every message: they expire in the order they came in, none blocked
+        # behind a later one (RabbitMQ only expires messages at the head of a queue).
+        arguments: dict[str, Any] = {
+            "x-message-ttl": self.delay_hold_ms,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": dq_name(queue_name),
+        }
+        if self.quorum_queues:
+            # Quorum queues drop a message whose dead-lettering fails unless told otherwise.
+            arguments["x-queue-type"] = "quorum"
+            arguments["x-dead-letter-strategy"] = "at-least-once"
+            arguments["x-overflow"] = "reject-publish"  # what at-least-once dead-lettering requires
+        return arguments
+
+    # -- reading the queues ------------------------------------------------------------------
+
+    def queue_depths(self) -> dict[str, dict[str, int]]:
+        """How many messages each declared queue holds, by kind.
+
+        Counts come from RabbitMQ's passive declares, which count the messages that wait to be
+        delivered: messages delivered to a worker and not yet acknowledged (running, prefetched,
+        or delayed and due within `delay_hold_ms`) are not counted anywhere.
+
+        Returns:
+          {queue: {"ready": n, "delayed": n, "dead": n}}: ready messages wait in the queue,
+          delayed ones in its delay and hold queues, dead ones in its dead-letter queue.
+
+        Raises:
+          ConnectionClosed: RabbitMQ cannot be reached.
+        """
+        with self._depths_lock:
+            try:
+                return self._count_messages()
+            except _AMQP_ERRORS:
+                # Most likely a connection that RabbitMQ closed while it was idle: once more.
+                self._close_depths_connection()
+            try:
+                return self._count_messages()
+            except _AMQP_ERRORS as error:
+                self._close_depths_connection()
+                raise ConnectionClosed(error) from None
+
+    def get_queue_message_counts(self, queue_name: str) -> tuple[int, int, int]:
+        """The numbers of messages ready in a queue, in its delay and hold queues, and in its
+        dead-letter queue (see `queue_depths`)."""
+        depths = self.queue_depths().get(q_name(queue_name)) or {"ready": 0, "delayed": 0, "dead": 0}
+        return depths["ready"], depths["delayed"], depths["dead"]
+
+    def join(
+        self, queue_name: str, min_successes: int = 10, idle_time: int = 100, *, timeout: Optional[int] = None
+    ) -> None:
+        """Wait until a queue and its delay and hold queues have no message ready. Only meant for
+        tests, and unreliable as Dramatiq's: messages held by workers are not seen.
+
+        Raises:
+          QueueJoinTimeout: When the timeout elapses.
+        """
+        deadline = timeout and time.monotonic() + timeout / 1000
+        successes = 0
+        while successes < min_successes:
+            if deadline and time.monotonic() >= deadline:
+                raise QueueJoinTimeout(queue_name)
+            ready, delayed, _ = self.get_queue_message_counts(queue_name)
+            successes = successes + 1 if ready + delayed == 0 else 0
+            time.sleep(idle_time / 1000)
+
+    def flush(self, queue_name: str) -> None:
+        """Drop all the messages of a queue and of its delay, hold and dead-letter queues."""
+        for name in (q_name(queue_name), dq_name(queue_name), hq_name(queue_name), xq_name(queue_name)):
+            try:
+                with self.pool.channel() as channel:
+                    channel.queue_purge(name)
+            except pika.exceptions.ChannelClosedByBroker as error:
+                if error.reply_code != 404:  # a queue not declared yet has nothing to drop
+                    raise ConnectionClosed(error) from None
+            except _AMQP_ERRORS as error:
+                raise ConnectionClosed(error) from None
+
+    def flush_all(self) -> None:
+        """Drop all the messages of every declared queue."""
+        for queue_name in self.queues:
+            self.flush(queue_name)
+
+    def _count_messages(self) -> dict[str, dict[str, int]]:
+        depths = {}
+        for queue in sorted(self.queues):
+            depths[queue] = {
+                "ready": self._count(queue),
+                "delayed": self._count(dq_name(queue)) + self._count(hq_name(queue)),
+                "dead": self._count(xq_name(queue)),
+            }
+        return depths
+
+    def _count(self, queue_name: str) -> int:
+        """Messages ready in a queue; 0 for a queue RabbitMQ does not have yet."""
+        if self._depths_channel is None or not self._depths_channel.is_open:
+            if self._depths_connection is None or not _alive(self._depths_connection):
+                self._close_depths_connection()
+                self._depths_connection = pika.BlockingConnection(parameters=self.parameters)
+            self._depths_channel = self._depths_connection.channel()
+        try:
+            return self._depths_channel.queue_declare(queue=queue_name, passive=True).method.message_count
+        except pika.exceptions.ChannelClosedByBroker as error:
+            if error.reply_code != 404:
+                raise
+            self._depths_channel = None  # RabbitMQ closes a channel after a failed declare
+            return 0
+
+    def _close_depths_connection(self) -> None:
+        if self._depths_connection is not None:
+            _close_quietly(self._depths_connection)
+        self._depths_connection = self._depths_channel = None
+
+
+class _HoldingConsumer(_RabbitmqConsumer):
+    """Dramatiq's consumer, which on a delay queue sends a message not due within the hold time
+    back to the hold queue, rather than holding it unacknowledged for longer than RabbitMQ
+    allows. It then returns None, which Dramatiq's consumer thread takes for an idle tick.
+
+    On a delay queue it also ticks every `DELAY_TICK_MS` when idle rather than every worker
+    timeout (a second): the consumer thread looks for due messages at each tick.
+    """
+
+    broker: RabbitmqBroker
+
+    def __init__(self, broker: RabbitmqBroker, queue_name: str, prefetch: int, timeout: int) -> None:
+        self.delayed = queue_name.endswith(".DQ")
+        super().__init__(broker, queue_name, prefetch, min(timeout, DELAY_TICK_MS) if self.delayed else timeout)
+
+    def __next__(self) -> Any:
+        message = super().__next__()
+        if message is None or not self.delayed:
+            return message
+        eta = message.options.get("eta")
+        due_in = eta - current_millis() if isinstance(eta, (int, float)) else 0
+        if due_in <= self.broker.delay_hold_ms:
+            return message
+        self.logger.debug("Message %r is due in %d ms: back to its hold queue.", message.message_id, due_in)
+        # Published and confirmed before the ack, so a crash in between duplicates the
+        # message (Tracking runs a job once) rather than losing it.
+        self.broker.hold(message._message)
+        self.known_tags.discard(message._tag)
+        try:
+            self.channel.basic_ack(message._tag)
+        except _AMQP_ERRORS as error:
+            raise ConnectionClosed(error) from None
+        return None
+
+    def close(self) -> None:
+        """Close the channel and the connection. Dramatiq's leaves the connection open when
+        the channel is closed already, which is how RabbitMQ cuts off a consumer (e.g. on
+        ``consumer_timeout``): each restart of the consumer would leak a connection."""
+        try:
+            super().close()
+        finally:
+            _close_quietly(self.connection)
+
+
+class _ChannelPool:
+    """At most `size` connections, each with one channel, lent to one thread at a time (pika's
+    connections are not thread-safe).
+
+    A borrowed connection is checked first (a non-blocking read notices one that RabbitMQ
+    closed while it sat idle and missed heartbeats): a dead one is dropped and another taken
+    or opened. A connection that fails while lent is dropped; a channel that RabbitMQ closed is
+    reopened on its connection.
+    """
+
+    def __init__(self, parameters: Any, size: int, *, confirm_delivery: bool) -> None:
+        self.parameters = parameters
+        self.size = size
+        self.confirm_delivery = confirm_delivery
+        self.opened = 0  # idle and lent
+        self.idle: list[tuple[BlockingConnection, BlockingChannel]] = []
+        self.available = threading.Condition()
+
+    @contextmanager
+    def channel(self) -> Iterator[BlockingChannel]:
+        """Borrow a channel for one operation, waiting while all connections are lent.
+
+        Raises:
+          pika.exceptions.AMQPConnectionError: a connection could not be opened.
+        """
+        connection, channel = self._borrow()
+        try:
+            yield channel
+        except pika.exceptions.AMQPChannelError:
+            self._give_back(connection, channel)
+            raise
+        except BaseException:
+            # A failed connection, or an operation cut off in the middle (its replies may
+            # still come): not safe to lend again.
+            self._drop(connection)
+            raise
+        self._give_back(connection, channel)
+
+    def close(self) -> None:
+        """Close the idle connections."""
+        with self.available:
+            idle, self.idle = self.idle, []
+            self.opened -= len(idle)
+            self.available.notify_all()
+        for connection, _ in idle:
+            _close_quietly(connection)
+
+    def _borrow(self) -> tuple[BlockingConnection, BlockingChannel]:
+        while True:
+            with self.available:
+                while not self.idle and self.opened >= self.size:
+                    self.available.wait()
+                if not self.idle:
+                    self.opened += 1  # taken now, opened outside the lock
+                    break
+                connection, channel = self.idle.pop()  # the most recently used: likeliest alive
+            if channel.is_open and _alive(connection):
+                return connection, channel
+            self._drop(connection)
+        try:
+            return self._open()
+        except BaseException:
+            self._drop(None)
+            raise
+
+    def _open(self) -> tuple[BlockingConnection, BlockingChannel]:
+        connection = pika.BlockingConnection(parameters=self.parameters)
+        try:
+            return connection, self._open_channel(connection)
+        except BaseException:
+            _close_quietly(connection)
+            raise
+
+    def _open_channel(self, connection: BlockingConnection) -> BlockingChannel:
+        channel = connection.channel()
+        if self.confirm_delivery:
+            channel.confirm_delivery()
+        return channel
+
+    def _give_back(self, connection: BlockingConnection, channel: BlockingChannel) -> None:
+        if connection.is_open and not channel.is_open:
+            try:
+                channel = self._open_channel(connection)
+            except _AMQP_ERRORS:
+                pass
+        if not (connection.is_open and channel.is_open):
+            self._drop(connection)
+            return
+        with self.available:
+            self.idle.append((connection, channel))
+            self.available.notify()
+
+    def _drop(self, connection: Optional[BlockingConnection]) -> None:
+        if connection is not None:
+            _close_quietly(connection)
+        with self.available:
+            self.opened -= 1
+            self.available.notify()
+
+
+def _alive(connection: BlockingConnection) -> bool:
+    """Whether an idle connection still works: a zero-time read handles what RabbitMQ sent
+    meanwhile (heartbeats, or the close of a connection that missed too many of them)."""
+    if not connection.is_open:
+        return False
+    try:
+        connection.process_data_events(time_limit=0)
+    except _AMQP_ERRORS:
+        return False
+    return connection.is_open
+
+
+def _close_quietly(connection: BlockingConnection) -> None:
+    try:
+        if connection.is_open:
+            connection.close()
+    except Exception:  # already broken: nothing more to release
+        pass
+
+
+def _as_list(parameters: Any) -> list[pika.ConnectionParameters]:
+    return list(parameters) if isinstance(parameters, list) else [parameters]
+
+
+def _default(parameters: pika.ConnectionParameters, name: str, value: float) -> None:
+    """Set a pika parameter that still has pika's default (a URL or caller's value stays)."""
+    if getattr(parameters, name) == getattr(pika.ConnectionParameters, "DEFAULT_" + name.upper()):
+        setattr(parameters, name, value)
+
+
+def _for_senders(parameters: Any) -> Any:
+    """The parameters of the pool's connections: those of consumers, plus a bound on how long
+    a send waits out a RabbitMQ alarm. Consumers must not get it: RabbitMQ notifies every
+    connection of an alarm, and pika would close a consumer's that stays blocked."""
+    senders = [copy.copy(each) for each in _as_list(parameters)]
+    for each in senders:
+        _default(each, "blocked_connection_timeout", BLOCKED_CONNECTION_TIMEOUT)
+    return senders if isinstance(parameters, list) else senders[0]

@@ -1,0 +1,489 @@
+"""Cancellation: a running job stops within a second of `engine.cancel`, wherever it runs.
+
+The path of a cancel request:
+
+- `engine.cancel` records it in the store (`Store.request_cancel`): a `scheduled` or `queued`
+  job is canceled there and then, and Tracking's start skips its message later; a `running` job
+  keeps the request in ``jobs.cancel_requested_at``, durably.
+- The request is then pushed to every worker process (`Cancellation.broadcast`): through the
+  RabbitMQ fanout exchange `EXCHANGE` when RabbitMQ is the broker, through a Unix datagram
+  socket per worker process in ``<database>.cancel/`` on the embedded broker. Each worker
+  process listens on a thread of its own.
+- The process running the job interrupts the thread running it, as Dramatiq's TimeLimit does:
+  `JobCanceled` is raised in that thread asynchronously. Code in Python stops at once; code
+  blocked in C or in a system call (a socket read, ``time.sleep``) stops as soon as it returns
+  to Python. `engine.cancel_requested` lets an actor check at points of its choosing.
+- A process that missed the push (cut off from RabbitMQ, say) finds the request in the store:
+  every `check_interval` seconds it asks about the jobs it runs, in one query (none when idle).
+
+The interrupt is raised only while the thread runs the job's own code: each actor's function
+is wrapped when it is declared, and arming the thread on entry, raising into it and disarming it
+on exit all take one lock. An interrupt raised but not yet delivered when the code returns is
+withdrawn. So `JobCanceled` surfaces from the actor call or not at all: never in another
+middleware's hook, in Dramatiq's own handling of the job's end, nor in the thread's next job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+import socket
+import threading
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+from uuid import uuid4
+
+import pika
+import pika.exceptions
+from dramatiq import Actor, Broker, Middleware, Worker
+from dramatiq.broker import MessageProxy
+from dramatiq.middleware import raise_thread_exception
+from loguru import logger
+from pika.adapters.blocking_connection import BlockingChannel
+from sqlalchemy.exc import SQLAlchemyError
+
+from ..errors import JobCanceled
+from ..store import Store
+
+#: The RabbitMQ fanout exchange cancel requests are published to; every worker process binds
+#: an exclusive queue of its own to it.
+EXCHANGE = "engine.cancel"
+
+#: How long pushing a request to RabbitMQ may take before it is left to the store checks.
+SEND_TIMEOUT_S = 2.0
+
+#: The first and the longest pause before a lost RabbitMQ listener connects again.
+RECONNECT_MIN_PAUSE_S = 0.5
+RECONNECT_MAX_PAUSE_S = 10.0
+
+
+@dataclass
+class _RunningJob:
+    """A job a worker thread of this process runs.
+
+    Attributes:
+      job_id(str): the job.
+      armed(bool): the thread is in the job's own code, where it may be interrupted.
+      requested(bool): a cancel of it was requested.
+      interrupted_at(float): when `JobCanceled` was last raised in its thread (monotonic).
+    """
+
+    job_id: str
+    armed: bool = False
+    requested: bool = False
+    interrupted_at: Optional[float] = None
+
+
+#: The job the current worker thread runs, or None outside a job.
+_current: ContextVar[Optional[_RunningJob]] = ContextVar("current_cancelable_job", default=None)
+
+
+def cancel_requested() -> bool:
+    """A checkpoint for cooperative code: stop here if the running job's cancel was requested.
+
+    A running job is interrupted anyway, wherever its code is, when its cancel is requested;
+    this is for code that wants to stop at a point of its choosing too, or that must not lose
+    a cancel by catching `JobCanceled` (a bare ``except:``). Clean up in ``finally`` or in
+    ``except engine.JobCanceled`` (and raise it again).
+
+    Outside a job (an actor called as a plain function, in a test say) it returns False.
+
+    Returns:
+      bool: False: no cancel was requested.
+
+    Raises:
+      JobCanceled: a cancel was requested; let it propagate, and the attempt is recorded as
+        `canceled`.
+    """
+    running = _current.get()
+    if running is not None and running.requested:
+        raise JobCanceled()
+    return False
+
+
+class Cancellation(Middleware):
+    """Interrupts running jobs whose cancel was requested, on whichever worker runs them.
+
+    It comes after Tracking (last, in `engine.broker.build_middleware`), so that its
+    ``before_process_message`` runs once the job is `running`. Each actor's function is wrapped
+    when the actor is declared, so that its thread is interrupted only while it runs the job's
+    own code.
+
+    Parameters:
+      store(Store): where cancel requests are recorded (``jobs.cancel_requested_at``).
+      broker_url(str): the amqp:// URL of RabbitMQ, whose fanout exchange `EXCHANGE` carries
+        requests to workers; None on the embedded broker, where they go through Unix sockets
+        in ``<database>.cancel/``.
+      check_interval(float): how often, in seconds, a worker looks in the store for requests
+        on the jobs it runs, in case it missed their push. A thread whose job does not stop is
+        interrupted again this often.
+    """
+
+    def __init__(self, store: Store, *, broker_url: Optional[str] = None, check_interval: float = 1.0) -> None:
+        self.store = store
+        self.check_interval = check_interval
+        self.channel: Optional[_Channel] = _channel_for(store, broker_url)
+        self._running: dict[int, _RunningJob] = {}  # by the id of the thread running it
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._store_checks: Optional[threading.Thread] = None
+
+    # -- the requesting side ---------------------------------------------------------------------
+
+    def broadcast(self, job_id: str) -> None:
+        """Tell every worker process that the job's cancel was requested.
+
+        Call it after the request is committed to the store. If the push fails, the workers
+        still find the request in the store within `check_interval` seconds.
+        """
+        if self.channel is None:
+            return
+        try:
+            self.channel.send(job_id)
+        except (pika.exceptions.AMQPError, OSError) as error:
+            logger.warning(
+                "Could not push the cancel of job {} to the workers ({!r}); they will find it in the store within {} s.",
+                job_id,
+                error,
+                self.check_interval,
+            )
+
+    # -- the worker side -------------------------------------------------------------------------
+
+    def after_worker_boot(self, broker: Broker, worker: Worker) -> None:
+        self._stopping.clear()
+        if self.channel is not None:
+            self.channel.listen(self.interrupt)
+        self._store_checks = threading.Thread(target=self._check_store, name="cancel-checks", daemon=True)
+        self._store_checks.start()
+
+    def after_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
+        # After, not before: jobs still running while the worker drains can still be canceled.
+        self._stopping.set()
+        if self.channel is not None:
+            self.channel.close()
+        if self._store_checks is not None:
+            self._store_checks.join()
+            self._store_checks = None
+
+    def after_declare_actor(self, broker: Broker, actor: Actor) -> None:
+        actor.fn = self._interruptible(actor.fn)
+
+    def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
+        running = _RunningJob(message.message_id)
+        with self._lock:
+            self._running[threading.get_ident()] = running
+        _current.set(running)
+        # A request committed before the job was registered was pushed to no one: look for it.
+        # It also catches a redelivered job whose cancel was requested before its worker died.
+        # Either way the job's code is not entered: `_arm` raises JobCanceled instead.
+        try:
+            requested = bool(self.store.cancel_requests([message.message_id]))
+        except SQLAlchemyError as error:
+            requested = False
+            logger.warning("Could not look for a cancel request of job {}: {!r}", message.message_id, error)
+        if requested:
+            with self._lock:
+                running.requested = True
+
+    def after_process_message(
+        self, broker: Broker, message: MessageProxy, *, result: object = None, exception: Optional[BaseException] = None
+    ) -> None:
+        _current.set(None)
+        with self._lock:
+            self._running.pop(threading.get_ident(), None)
+
+    after_skip_message = after_process_message
+
+    def interrupt(self, job_id: str) -> bool:
+        """Raise `JobCanceled` in the thread of this process that runs the job, if one does.
+
+        Called with each pushed request and each one found in the store. A thread is
+        interrupted at most once per `check_interval`, so that a job's cleanup code has that
+        long to run; one whose job goes on running (it swallowed the exception) is interrupted
+        again.
+
+        Returns:
+          bool: True if the job runs in this process.
+        """
+        now = time.monotonic()
+        interrupted: list[int] = []
+        found = False
+        with self._lock:
+            for thread_id, running in self._running.items():
+                if running.job_id != job_id:
+                    continue
+                found = running.requested = True
+                if not running.armed:
+                    continue  # not in the job's code (yet): entering it raises JobCanceled
+                if running.interrupted_at is None or now - running.interrupted_at >= self.check_interval:
+                    running.interrupted_at = now
+                    raise_thread_exception(thread_id, JobCanceled)
+                    interrupted.append(thread_id)
+        for thread_id in interrupted:
+            logger.info("Canceling job {}: interrupting worker thread {}.", job_id, thread_id)
+        return found
+
+    def _interruptible(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Wrap an actor's function: its thread may be interrupted while it runs, and only then."""
+
+        @functools.wraps(fn)
+        def interruptible(*args: Any, **kwargs: Any) -> Any:
+            thread_id = threading.get_ident()
+            armed = self._arm(thread_id)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if armed:
+                    self._disarm(thread_id)
+
+        return interruptible
+
+    def _arm(self, thread_id: int) -> bool:
+        """The thread enters its job's code. False when it runs no job (a plain function call)
+        or is in the job's code already (an actor calling another as a function).
+
+        Raises:
+          JobCanceled: the job's cancel came in since its start.
+        """
+        with self._lock:
+            running = self._running.get(thread_id)
+            if running is None or running.armed:
+                return False
+            if not running.requested:
+                running.armed = True
+                return True
+        logger.info("Job {} was canceled before its code started.", running.job_id)
+        raise JobCanceled()
+
+    def _disarm(self, thread_id: int) -> None:
+        """The thread leaves its job's code: no interrupt is raised in it any more, and one raised
+        but not delivered yet is withdrawn."""
+        with self._lock:
+            running = self._running.get(thread_id)
+            if running is not None and running.armed:
+                running.armed = False
+                if running.interrupted_at is not None:
+                    _withdraw_thread_exception(thread_id)
+
+    def _check_store(self) -> None:
+        """Every `check_interval`, interrupt the jobs of this process whose cancel is in the store."""
+        while not self._stopping.wait(self.check_interval):
+            with self._lock:
+                job_ids = [running.job_id for running in self._running.values()]
+            if not job_ids:
+                continue
+            try:
+                requested = self.store.cancel_requests(job_ids)
+            except SQLAlchemyError as error:
+                logger.warning("Could not look for cancel requests in the store: {!r}", error)
+                continue
+            for job_id in requested:
+                self.interrupt(job_id)
+
+
+def _withdraw_thread_exception(thread_id: int) -> None:
+    """Clear an exception set by `raise_thread_exception` that the thread has not raised yet."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), None)
+
+
+# -- channels: how a request reaches the worker processes -----------------------------------------
+
+
+class _Channel:
+    """Carries job ids from whoever cancels to every worker process."""
+
+    def send(self, job_id: str) -> None:
+        """Push a request to every listening worker process."""
+        raise NotImplementedError
+
+    def listen(self, on_request: Callable[[str], object]) -> None:
+        """Call `on_request` with each job id pushed, from a thread of its own, until `close`."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop listening."""
+        raise NotImplementedError
+
+
+def _channel_for(store: Store, broker_url: Optional[str]) -> Optional[_Channel]:
+    if broker_url:
+        return _Exchange(broker_url)
+    database = store.engine.url.database
+    if store.engine.dialect.name == "sqlite" and database and database != ":memory:":
+        return _Sockets(Path(os.path.abspath(database + ".cancel")))
+    return None  # nothing to share: the workers poll the store
+
+
+class _Sockets(_Channel):
+    """One machine: a Unix datagram socket per worker process in `directory`, each sent every
+    request (like the embedded broker's wake-up sockets)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._socket: Optional[socket.socket] = None
+        self._thread: Optional[threading.Thread] = None
+        self._closing = threading.Event()
+
+    def send(self, job_id: str) -> None:
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return  # no worker has listened yet
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.setblocking(False)
+            for name in names:
+                path = self.directory / name
+                try:
+                    sender.sendto(job_id.encode(), str(path))
+                except BlockingIOError:
+                    logger.warning("The cancel socket {} is full; its worker will find job {} in the store.", path, job_id)
+                except (ConnectionRefusedError, FileNotFoundError):
+                    path.unlink(missing_ok=True)  # nobody is bound to it: its process died
+                except OSError as error:
+                    logger.warning("Could not push the cancel of job {} to {}: {!r}", job_id, path, error)
+
+    def listen(self, on_request: Callable[[str], object]) -> None:
+        path = self.directory / f"{os.getpid()}-{uuid4().hex[:8]}.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self.directory.mkdir(exist_ok=True)
+            listener.bind(str(path))
+        except OSError as error:
+            listener.close()
+            logger.warning("Cannot listen for cancel requests on {} ({!r}); polling the store only.", path, error)
+            return
+        listener.settimeout(1.0)  # a lost wake-up on close costs at most this long
+        self._closing.clear()
+        self._socket = listener
+        self._thread = threading.Thread(target=self._receive, args=(on_request,), name="cancel-listener", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._socket is None:
+            return
+        self._closing.set()
+        path = self._socket.getsockname()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender, contextlib.suppress(OSError):
+            sender.sendto(b"", path)  # wakes the listener up
+        if self._thread is not None:
+            self._thread.join()
+        self._socket.close()
+        self._socket = self._thread = None
+        Path(path).unlink(missing_ok=True)
+
+    def _receive(self, on_request: Callable[[str], object]) -> None:
+        assert self._socket is not None
+        while not self._closing.is_set():
+            try:
+                data = self._socket.recv(1024)
+            except TimeoutError:
+                continue
+            if data:
+                _deliver(on_request, data)
+
+
+class _Exchange(_Channel):
+    """Several hosts: a RabbitMQ fanout exchange; each worker process consumes it through an
+    exclusive, auto-deleted queue on a connection of its own, reconnecting when it is lost."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._closing = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+        self._consuming: Optional[tuple[pika.BlockingConnection, BlockingChannel]] = None
+
+    def send(self, job_id: str) -> None:
+        # A short connection per request: cancels are rare and made by people or scripts, and
+        # an idle long-lived connection would only need heartbeats and reconnects. Short
+        # timeouts too (unless the URL sets its own): the request is in the store already, and
+        # the caller should not wait long for a RabbitMQ that is down.
+        parameters = self._parameters("cancel request")
+        if "socket_timeout" not in self.url:
+            parameters.socket_timeout = SEND_TIMEOUT_S
+        if "stack_timeout" not in self.url:
+            parameters.stack_timeout = SEND_TIMEOUT_S
+        connection = pika.BlockingConnection(parameters)
+        try:
+            channel = connection.channel()
+            self._declare(channel)
+            channel.basic_publish(EXCHANGE, routing_key="", body=job_id.encode())
+        finally:
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                connection.close()
+
+    def listen(self, on_request: Callable[[str], object]) -> None:
+        self._closing.clear()
+        self._thread = threading.Thread(target=self._consume, args=(on_request,), name="cancel-listener", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closing.set()
+        with self._lock:
+            consuming = self._consuming
+        if consuming is not None:
+            connection, channel = consuming
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                connection.add_callback_threadsafe(channel.stop_consuming)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _consume(self, on_request: Callable[[str], object]) -> None:
+        pause = RECONNECT_MIN_PAUSE_S
+        while not self._closing.is_set():
+            try:
+                connection = pika.BlockingConnection(self._parameters(f"cancel listener {os.getpid()}"))
+            except (pika.exceptions.AMQPError, OSError) as error:
+                logger.warning("Cannot reach RabbitMQ for cancel requests ({!r}); retrying in {:.1f} s.", error, pause)
+                self._closing.wait(pause)
+                pause = min(pause * 2, RECONNECT_MAX_PAUSE_S)
+                continue
+            try:
+                channel = connection.channel()
+                with self._lock:
+                    self._consuming = (connection, channel)
+                if self._closing.is_set():
+                    break
+                self._declare(channel)
+                queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+                channel.queue_bind(queue, EXCHANGE)
+                channel.basic_consume(queue, lambda _ch, _method, _props, body: _deliver(on_request, body), auto_ack=True)
+                pause = RECONNECT_MIN_PAUSE_S
+                channel.start_consuming()
+            except (pika.exceptions.AMQPError, OSError) as error:
+                if not self._closing.is_set():
+                    logger.warning(
+                        "Lost RabbitMQ for cancel requests ({!r}); the store check stands in until it is back.", error
+                    )
+                    self._closing.wait(pause)
+                    pause = min(pause * 2, RECONNECT_MAX_PAUSE_S)
+            finally:
+                with self._lock:
+                    self._consuming = None
+                if connection.is_open:
+                    with contextlib.suppress(pika.exceptions.AMQPError):
+                        connection.close()
+
+    def _parameters(self, purpose: str) -> pika.URLParameters:
+        parameters = pika.URLParameters(self.url)
+        parameters.client_properties = {"connection_name": f"engine {purpose} {socket.gethostname()}"}
+        return parameters
+
+    @staticmethod
+    def _declare(channel: BlockingChannel) -> None:
+        # Durable, so that it outlives a RabbitMQ restart between a listener's reconnects.
+        channel.exchange_declare(EXCHANGE, exchange_type="fanout", durable=True)
+
+
+def _deliver(on_request: Callable[[str], object], body: bytes) -> None:
+    try:
+        on_request(body.decode())
+    except Exception:
+        logger.exception("Failed to handle a cancel request for {!r}.", body)

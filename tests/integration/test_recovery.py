@@ -1,0 +1,123 @@
+"""Nothing lost, nothing run twice: dead workers, dropped connections, consumer timeouts, a
+RabbitMQ restart. Distributed mode unless said otherwise."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import time
+from collections import Counter
+
+import psutil
+import pytest
+from sqlalchemy import func, select
+
+import engine
+from engine import JobState, Outcome
+from engine.schema import attempts, jobs
+from tests.support import actors
+from tests.support.processes import completions, wait_for, wait_for_state
+
+pytestmark = pytest.mark.integration
+
+FINISHED = {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED}
+
+
+def restart_rabbitmq() -> None:
+    for command in (["stop_app"], ["start_app"], ["await_startup"]):
+        subprocess.run(["rabbitmqctl", *command], check=True, capture_output=True, timeout=120)
+
+
+def running_worker_pid(job_id: str) -> int:
+    [attempt] = [a for a in engine.attempts(job_id) if a.finished_at is None]
+    return attempt.worker_pid
+
+
+def test_a_dead_workers_job_runs_again_once_and_its_attempt_is_abandoned(engine_env, start_engine):
+    supervisor = start_engine("worker", "--processes", "2", "--threads", "2")
+    job = engine.submit("sleepy", 3)
+    wait_for_state(job.id, {JobState.RUNNING})
+    holder = running_worker_pid(job.id)
+    sibling = [p for p in psutil.Process(supervisor.pid).children() if p.pid != holder]
+
+    psutil.Process(holder).kill()
+
+    assert wait_for_state(job.id, FINISHED, timeout=60).state == JobState.SUCCEEDED
+    first, second = engine.attempts(job.id)
+    assert (first.outcome, first.worker_pid) == (Outcome.ABANDONED, holder)
+    assert second.outcome == Outcome.SUCCEEDED and second.worker_pid != holder
+    assert completions(engine_env, job.id) == 1
+    assert all(p.is_running() for p in sibling)
+
+
+@pytest.mark.parametrize("mode", ["distributed"], indirect=True)
+def test_a_slow_but_alive_job_is_not_run_again_when_connections_drop(engine_env, start_engine):
+    start_engine("worker", "--processes", "2", "--threads", "2")
+    job = engine.submit("sleepy", 5)
+    wait_for_state(job.id, {JobState.RUNNING})
+
+    # RabbitMQ requeues the unacked message, and a second worker receives it
+    vhost = engine_env["ENGINE_BROKER_URL"].rsplit("/", 1)[1]
+    subprocess.run(["rabbitmqctl", "close_all_connections", "-p", vhost, "test"], check=True, capture_output=True)
+
+    assert wait_for_state(job.id, FINISHED, timeout=60).state == JobState.SUCCEEDED
+    time.sleep(1)
+    assert [a.outcome for a in engine.attempts(job.id)] == [Outcome.SUCCEEDED]
+    assert completions(engine_env, job.id) == 1
+
+
+@pytest.mark.parametrize("mode", ["distributed"], indirect=True)
+def test_a_job_longer_than_the_consumer_timeout_runs_exactly_once(
+    consumer_timeout_ms, engine_env, short_hold, start_engine
+):
+    # short_hold keeps delays (the re-checks of the running job) below the timeout, as deployments must
+    start_engine("worker", "--processes", "2", "--threads", "2")
+    job = engine.submit("sleepy", 3 * consumer_timeout_ms / 1000)
+
+    assert wait_for_state(job.id, FINISHED, timeout=60).state == JobState.SUCCEEDED
+    time.sleep(2)  # a second run, had one started, would show now
+    assert [a.outcome for a in engine.attempts(job.id)] == [Outcome.SUCCEEDED]
+    assert completions(engine_env, job.id) == 1
+    assert wait_for_state(engine.submit("echo", "after").id, FINISHED).state == JobState.SUCCEEDED
+
+
+@pytest.mark.parametrize("mode", ["distributed"], indirect=True)
+def test_5000_jobs_survive_killed_workers_and_a_rabbitmq_restart(engine_env, start_engine):
+    total = 5000
+    # All queued before any worker starts, so that the chaos below meets a full queue.
+    sent = [actors.sleepy.send(0.03).message_id for _ in range(total)]
+    supervisor = start_engine("worker", "--processes", "2", "--threads", "8")
+    store = engine.get_store()
+
+    def succeeded() -> int:
+        with store.reading() as connection:
+            return connection.execute(select(func.count()).where(jobs.c.state == JobState.SUCCEEDED)).scalar()
+
+    killed: list[int] = []
+
+    def kill_a_worker(after: int) -> None:
+        wait_for(lambda: succeeded() >= after, 120, f"{after} jobs done")
+        victim = random.choice(wait_for(lambda: psutil.Process(supervisor.pid).children(), 10, "workers"))
+        killed.append(victim.pid)
+        victim.kill()
+
+    kill_a_worker(after=300)
+    kill_a_worker(after=900)
+    wait_for(lambda: succeeded() >= 1500, 120, "1500 jobs done")
+    restart_rabbitmq()
+    kill_a_worker(after=min(succeeded() + 300, total - 500))
+
+    wait_for(lambda: succeeded() == total, 300, "every job to succeed")
+    time.sleep(2)  # anything run twice would finish by now
+    with store.reading() as connection:
+        states = dict(connection.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all())
+        trail = connection.execute(select(attempts.c.job_id, attempts.c.outcome, attempts.c.worker_pid)).all()
+    assert states == {JobState.SUCCEEDED: total}
+    assert Counter(row.outcome for row in trail if row.outcome == Outcome.SUCCEEDED) == {Outcome.SUCCEEDED: total}
+    abandoned = {row.job_id for row in trail if row.outcome == Outcome.ABANDONED}
+    assert {row.outcome for row in trail} <= {Outcome.SUCCEEDED, Outcome.ABANDONED}
+    assert abandoned, "the kills hit no running job: the test proved nothing"
+    assert {row.worker_pid for row in trail if row.outcome == Outcome.ABANDONED} <= set(killed)
+    for job_id in sent:
+        runs = completions(engine_env, job_id)
+        assert runs == 1 or (job_id in abandoned and runs == 2), f"job {job_id} completed {runs} times"

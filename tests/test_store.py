@@ -1,0 +1,92 @@
+"""The store's decisions when a job is delivered: run it, skip it, or leave it to a live worker."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from sqlalchemy import update
+
+from engine.job import JobState, Outcome
+from engine.schema import workers
+from engine.store import Store
+
+DEAD_AFTER_S = 10
+
+
+@pytest.fixture
+def job(store: Store) -> str:
+    now = time.time()
+    row = dict(
+        id="job-1", actor="echo", queue="default", args="[]", kwargs="{}", options="{}",
+        priority=0, idempotency_key=None, created_at=now, scheduled_for=None,
+    )  # fmt: skip
+    store.record_enqueue(row, delayed=False)
+    return "job-1"
+
+
+def start(store: Store, job_id: str, worker_id: str, pid: int = 1):
+    return store.start_attempt(job_id, host="h", pid=pid, worker_id=worker_id, dead_after_s=DEAD_AFTER_S)
+
+
+def test_a_queued_job_starts_its_first_attempt(store, job):
+    store.heartbeat("w1", host="h", pid=1)
+
+    assert start(store, job, "w1") == (1, False)
+    assert store.get(job).state == JobState.RUNNING
+
+
+def test_a_job_running_under_a_live_worker_is_left_to_it(store, job):
+    store.heartbeat("w1", host="h", pid=1)
+    start(store, job, "w1")
+
+    # a second delivery, e.g. after RabbitMQ closed the first consumer's channel
+    assert start(store, job, "w2") == (None, True)
+    assert [a.outcome for a in store.list_attempts(job)] == [None]  # still running, untouched
+
+
+def test_a_job_whose_worker_went_silent_is_run_again_and_its_attempt_abandoned(store, job):
+    store.heartbeat("w1", host="h", pid=1)
+    start(store, job, "w1")
+    with store.transaction() as connection:
+        connection.execute(update(workers).values(heartbeat_at=time.time() - DEAD_AFTER_S - 1))
+
+    assert start(store, job, "w2", pid=2) == (2, False)
+    first, second = store.list_attempts(job)
+    assert (first.outcome, first.worker_pid) == (Outcome.ABANDONED, 1)  # with the worker that held it
+    assert second.outcome is None and second.worker_pid == 2
+
+
+def test_a_job_whose_worker_the_supervisor_saw_die_is_run_again_at_once(store, job):
+    store.heartbeat("w1", host="h", pid=1)
+    start(store, job, "w1")
+    store.mark_workers_stopped(host="h", pid=1)
+
+    assert start(store, job, "w2", pid=2) == (2, False)
+
+
+def test_two_deliveries_racing_to_take_over_an_abandoned_job_run_it_once(store, job):
+    store.heartbeat("w1", host="h", pid=1)
+    store.heartbeat("w2", host="h", pid=2)
+    store.heartbeat("w3", host="h", pid=3)
+    start(store, job, "w1")
+    store.mark_workers_stopped(worker_id="w1")
+
+    assert start(store, job, "w2", pid=2) == (2, False)
+    assert start(store, job, "w3", pid=3) == (None, True)  # w2 holds it now, alive
+    assert [a.outcome for a in store.list_attempts(job)] == [Outcome.ABANDONED, None]
+
+
+@pytest.mark.parametrize("final", [JobState.SUCCEEDED, JobState.FAILED])
+def test_a_finished_job_is_never_started_again(store, job, final):
+    store.heartbeat("w1", host="h", pid=1)
+    start(store, job, "w1")
+    store.finish_attempt(job, 1, Outcome.SUCCEEDED, state=final)
+    store.mark_workers_stopped(worker_id="w1")
+
+    assert start(store, job, "w2") == (None, False)
+    assert store.get(job).attempts == 1
+
+
+def test_an_unknown_job_is_not_started(store):
+    assert start(store, "nope", "w1") == (None, False)
