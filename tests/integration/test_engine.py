@@ -123,18 +123,25 @@ def test_sigkill_of_engine_run_loses_no_job(engine_env, start_engine):
     assert engine.get(delayed.id).started_at >= delayed.scheduled_for
 
 
-def test_a_killed_worker_process_is_back_within_two_seconds(engine_env, start_engine):
+def test_a_killed_worker_process_is_back_within_two_seconds_and_its_sibling_is_undisturbed(
+    engine_env, start_engine
+):
     supervisor = start_engine("worker", "--processes", "2", "--threads", "1")
-    first, second = wait_for(lambda: len(workers_of(supervisor)) == 2 and workers_of(supervisor), 20, "two workers")
-    wait_for_state(engine.submit("echo", "warm-up").id, FINISHED)
+    wait_for(lambda: len(workers_of(supervisor)) == 2, 20, "two workers")
+    # one long job in each process (one thread and a prefetch of one each)
+    jobs = [engine.submit("sleepy", 4) for _ in range(2)]
+    wait_for(lambda: all(engine.get(job.id).state == JobState.RUNNING for job in jobs), 20, "both jobs running")
+    by_pid = {engine.attempts(job.id)[0].worker_pid: job for job in jobs}
+    victim, sibling = (psutil.Process(pid) for pid in by_pid)
 
-    first.kill()
+    victim.kill()
     killed_at = time.monotonic()
-    replacement = wait_for(
-        lambda: [p for p in workers_of(supervisor) if p.pid not in (first.pid, second.pid)], 5, "a replacement"
-    )
+    wait_for(lambda: [p for p in workers_of(supervisor) if p.pid not in by_pid], 5, "a replacement")
 
     assert time.monotonic() - killed_at < 2
-    assert second.is_running() and second.pid in [p.pid for p in workers_of(supervisor)]
-    assert replacement
-    assert wait_for_state(engine.submit("echo", "after").id, FINISHED).state == JobState.SUCCEEDED
+    sibling_job = by_pid[sibling.pid]
+    assert wait_for_state(sibling_job.id, FINISHED, timeout=30).state == JobState.SUCCEEDED
+    assert [a.outcome for a in engine.attempts(sibling_job.id)] == [Outcome.SUCCEEDED]  # never interrupted
+    victim_job = by_pid[victim.pid]
+    assert wait_for_state(victim_job.id, FINISHED, timeout=60).state == JobState.SUCCEEDED
+    assert [a.outcome for a in engine.attempts(victim_job.id)] == [Outcome.ABANDONED, Outcome.SUCCEEDED]

@@ -28,6 +28,16 @@ def restart_rabbitmq() -> None:
         subprocess.run(["rabbitmqctl", *command], check=True, capture_output=True, timeout=120)
 
 
+def restart_postgresql() -> None:
+    cluster = subprocess.run(["ls", "/etc/postgresql"], check=True, capture_output=True, text=True).stdout.split()[0]
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main", "restart"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
 def running_worker_pid(job_id: str) -> int:
     [attempt] = [a for a in engine.attempts(job_id) if a.finished_at is None]
     return attempt.worker_pid
@@ -79,6 +89,25 @@ def test_a_job_longer_than_the_consumer_timeout_runs_exactly_once(
     assert [a.outcome for a in engine.attempts(job.id)] == [Outcome.SUCCEEDED]
     assert completions(engine_env, job.id) == 1
     assert wait_for_state(engine.submit("echo", "after").id, FINISHED).state == JobState.SUCCEEDED
+
+
+@pytest.mark.parametrize("mode", ["distributed"], indirect=True)
+def test_a_postgresql_restart_loses_no_job_and_runs_none_twice(engine_env, start_engine):
+    sent = [actors.sleepy.send(0.05).message_id for _ in range(300)]
+    start_engine("worker", "--processes", "2", "--threads", "4")
+    store = engine.get_store()
+
+    def succeeded() -> int:
+        with store.reading() as connection:
+            return connection.execute(select(func.count()).where(jobs.c.state == JobState.SUCCEEDED)).scalar()
+
+    wait_for(lambda: succeeded() >= 50, 60, "50 jobs done")
+    restart_postgresql()  # workers are mid-job: their start and end writes must wait for it
+
+    wait_for(lambda: succeeded() == len(sent), 120, "every job to succeed")
+    for job_id in sent:
+        assert completions(engine_env, job_id) == 1
+        assert [a.outcome for a in engine.attempts(job_id)] == [Outcome.SUCCEEDED]
 
 
 @pytest.mark.parametrize("mode", ["distributed"], indirect=True)
