@@ -15,7 +15,7 @@ import sys
 import time
 from contextlib import suppress
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator
 
 import dramatiq
 import psutil
@@ -26,6 +26,7 @@ import engine.broker
 import engine.settings
 from engine import JobState
 from engine.worker import EXIT_CONFIG, EXIT_KILLED
+from tests.support.processes import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SUPERVISOR = (
@@ -36,18 +37,6 @@ READY = "Worker process is ready for action."
 #: Long enough that a supervisor returning well before it has not had to kill anyone.
 SHUTDOWN_TIMEOUT_S = 20
 
-T = TypeVar("T")
-
-
-def wait_for(predicate: Callable[[], T], timeout: float, what: str) -> T:
-    """Poll `predicate` until it returns something truthy, or fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def alive(pid: int) -> bool:

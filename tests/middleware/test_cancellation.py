@@ -14,6 +14,7 @@ import engine
 from engine import CancelOutcome, JobState, Outcome
 from engine.middleware.cancellation import Cancellation
 from engine.settings import Settings
+from tests.support.processes import wait_for
 
 FINISHED = {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED}
 
@@ -41,18 +42,8 @@ def one_thread(stub_broker):
     worker.stop()
 
 
-def wait_until(predicate, timeout: float = 5.0, what: str = "the condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.005)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
-
-
 def wait_for_state(job_id: str, states: set[JobState], timeout: float = 5.0):
-    return wait_until(lambda: (job := engine.get(job_id)).state in states and job, timeout, f"{job_id} in {states}")
+    return wait_for(lambda: (job := engine.get(job_id)).state in states and job, timeout, f"{job_id} in {states}", 0.005)
 
 
 def cancel_and_measure(job_id: str) -> float:
@@ -206,7 +197,7 @@ def test_cancel_stops_cooperative_code_and_except_exception_does_not_swallow_it(
         return "imported"
 
     job = engine.submit("import_rows")
-    wait_until(lambda: engine.get(job.id).progress_percent, what="progress")
+    wait_for(lambda: engine.get(job.id).progress_percent, 5.0, "progress", 0.005)
 
     latency = cancel_and_measure(job.id)
 

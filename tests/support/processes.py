@@ -8,12 +8,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 import pytest
 
 import engine.broker
 from engine.job import Job, JobState
+
+T = TypeVar("T")
 
 
 class EngineProcess:
@@ -54,7 +56,7 @@ class EngineProcess:
         return self.log_path.read_text(errors="replace")
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
+def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
     """Poll `predicate` until it returns something truthy, or fail naming `what`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
