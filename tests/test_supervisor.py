@@ -6,7 +6,6 @@ signal it, or its whole process group as a Ctrl-C would, and clean up everything
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import signal
@@ -26,7 +25,7 @@ import engine.broker
 import engine.settings
 from engine import JobState
 from engine.worker import EXIT_CONFIG, EXIT_KILLED
-from tests.support.processes import wait_for
+from tests.support.processes import point_engine_at, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SUPERVISOR = (
@@ -127,14 +126,7 @@ def start_supervisor(tmp_path, engine_env) -> Iterator[Callable[..., SupervisorP
 def client(monkeypatch, tmp_path, engine_env) -> Iterator[None]:
     """This process as a client of the same store: `engine.submit` and `engine.get` work."""
     monkeypatch.chdir(tmp_path)
-    for name in [name for name in os.environ if name.startswith("ENGINE_")]:
-        monkeypatch.delenv(name)
-    for name, value in engine_env.items():
-        monkeypatch.setenv(name, value)
-    engine.settings.get_settings.cache_clear()
-    engine.broker._broker = None
-    sys.modules.pop("tests.support.actors", None)
-    importlib.import_module("tests.support.actors")  # declares them on the new broker
+    point_engine_at(engine_env, monkeypatch)
     yield
     engine.get_broker().close()
     engine.broker._broker = None

@@ -10,7 +10,6 @@ Without RabbitMQ or PostgreSQL the distributed tests are skipped on a laptop, bu
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import subprocess
@@ -26,7 +25,7 @@ import engine
 import engine.broker
 import engine.settings
 
-from tests.support.processes import EngineProcess
+from tests.support.processes import EngineProcess, point_engine_at
 
 PG_ADMIN_URL = os.environ.get("ENGINE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 AMQP_HOST = os.environ.get("ENGINE_TEST_AMQP_HOST", "127.0.0.1")
@@ -101,17 +100,7 @@ def engine_env(mode, tmp_path, request, monkeypatch) -> dict[str, str]:
         env["ENGINE_BROKER_URL"] = f"amqp://guest:guest@{AMQP_HOST}:5672/{vhost}"
         env["ENGINE_STORE_URL"] = request.getfixturevalue("pg_url")
         _purge(env["ENGINE_BROKER_URL"])
-    for name in [name for name in os.environ if name.startswith("ENGINE_")]:
-        monkeypatch.delenv(name)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    engine.settings.get_settings.cache_clear()
-    engine.broker._broker = None
-    # Declare the test actors on this test's broker (a new one each test).
-    if "tests.support.actors" in sys.modules:
-        importlib.reload(sys.modules["tests.support.actors"])
-    else:
-        importlib.import_module("tests.support.actors")
+    point_engine_at(env, monkeypatch)
     yield env
     if engine.broker._broker is not None:
         engine.broker.get_store().close()

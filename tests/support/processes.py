@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from typing import Callable, Optional, TypeVar
 import pytest
 
 import engine.broker
+import engine.settings
 from engine.job import Job, JobState
 
 T = TypeVar("T")
@@ -90,3 +92,16 @@ def run_python(code: str, env: dict[str, str]) -> str:
     )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
+
+
+def point_engine_at(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make this process's engine API use exactly `env`'s ENGINE_* settings, with a new broker
+    on which the test actors are declared again."""
+    for name in [name for name in os.environ if name.startswith("ENGINE_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    engine.settings.get_settings.cache_clear()
+    engine.broker._broker = None
+    sys.modules.pop("tests.support.actors", None)
+    importlib.import_module("tests.support.actors")
