@@ -63,7 +63,6 @@ def worker(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     setup_logging(settings)
-    _upgrade_store()  # once here, rather than raced by every worker's first start
     return run_workers(
         settings,
         processes=args.processes or settings.worker_processes,

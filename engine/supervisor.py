@@ -120,6 +120,8 @@ class Supervisor:
         Returns:
           int: 0 after a requested stop, `EXIT_CONFIG` when a worker could not start as configured.
         """
+        # Once here, rather than raced by every worker's first connection to a new store.
+        self.store.upgrade()
         with self._signal_handlers():
             try:
                 while not self.stop_requests and not self.exit_code:

@@ -131,7 +131,6 @@ def client(monkeypatch, tmp_path, engine_env) -> Iterator[None]:
     engine.get_broker().close()
     engine.broker._broker = None
     dramatiq.set_broker(None)
-    sys.modules.pop("tests.support.actors", None)
     engine.settings.get_settings.cache_clear()
 
 

@@ -103,5 +103,8 @@ def point_engine_at(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Non
         monkeypatch.setenv(name, value)
     engine.settings.get_settings.cache_clear()
     engine.broker._broker = None
-    sys.modules.pop("tests.support.actors", None)
-    importlib.import_module("tests.support.actors")
+    # Reloaded in place, not imported anew: test modules hold references to it.
+    if "tests.support.actors" in sys.modules:
+        importlib.reload(sys.modules["tests.support.actors"])
+    else:
+        importlib.import_module("tests.support.actors")
