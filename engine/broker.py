@@ -39,7 +39,8 @@ def build_middleware(settings: Settings, store: Store) -> list[Middleware]:
     """The middleware stack, in order.
 
     CurrentMessage comes first so that log lines in every other hook carry the job's id.
-    Tracking comes before Retries so that its after-hooks run after Retries has decided.
+    Cancellation registers a job before Tracking starts it (see `Cancellation`). Tracking
+    comes before Retries so that its after-hooks run after Retries has decided.
     """
     heartbeat = Heartbeat(store, interval_s=settings.heartbeat_interval_s)
     tracking = Tracking(
@@ -52,6 +53,7 @@ def build_middleware(settings: Settings, store: Store) -> list[Middleware]:
     return [
         CurrentMessage(),
         heartbeat,
+        Cancellation(store, broker_url=settings.broker_url, check_interval=settings.cancel_check_interval_s),
         tracking,
         AgeLimit(),
         TimeLimit(time_limit=settings.time_limit_ms),
@@ -63,7 +65,6 @@ def build_middleware(settings: Settings, store: Store) -> list[Middleware]:
             min_backoff=settings.min_backoff_ms,
             max_backoff=settings.max_backoff_ms,
         ),
-        Cancellation(store, broker_url=settings.broker_url, check_interval=settings.cancel_check_interval_s),
     ]
 
 

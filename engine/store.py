@@ -13,9 +13,9 @@ import json
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Callable, Iterator, NamedTuple, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
 
-from sqlalchemy import Connection, Engine, and_, create_engine, delete, event, func, select, text, tuple_, update
+from sqlalchemy import Connection, Engine, and_, bindparam, create_engine, delete, event, func, literal_column, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
@@ -23,6 +23,7 @@ from . import migrations
 from .errors import DuplicateJob, EngineError, InvalidJobState, JobNotFound
 from .job import FINISHED_STATES, REENQUEUE_TRANSITIONS, TRANSITIONS, Attempt, Job, JobState, Outcome
 from .schema import attempts, jobs, workers
+from .writer import GroupCommit
 
 
 def _create_engine(url: str) -> Engine:
@@ -66,16 +67,185 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
 
 
 class AttemptStart(NamedTuple):
-    """What `Store.start_attempt` decided.
+    """What `Store.start_attempts` decided for one delivery.
 
     Attributes:
       number(int): the new attempt's number when the job is to run now, else None.
       running_elsewhere(bool): the job is running under a live worker: look again later, as
         that worker may still die before it ends.
+      cancel_requested(bool): the job is to run, but its cancel was requested already.
     """
 
     number: Optional[int]
     running_elsewhere: bool = False
+    cancel_requested: bool = False
+
+
+class StartRequest(NamedTuple):
+    """A delivered job to start, and the worker process that is to run it."""
+
+    job_id: str
+    host: str
+    pid: int
+    worker_id: Optional[str]
+    dead_after_s: float
+
+
+class AttemptEnd(NamedTuple):
+    """How an attempt ended, to be recorded by `Store.finish_attempts`. When `state` is None,
+    the job's state was moved already (a retry set it to `scheduled`)."""
+
+    job_id: str
+    number: int
+    outcome: Outcome
+    state: Optional[JobState]
+    result: Optional[str]
+    last_error: Optional[str]
+    error_type: Optional[str]
+    error_message: Optional[str]
+    traceback: Optional[str]
+    progress_percent: Optional[float]
+    progress_message: Optional[str]
+
+    @classmethod
+    def of(
+        cls,
+        job_id: str,
+        number: int,
+        outcome: Outcome,
+        *,
+        state: Optional[JobState] = None,
+        result: Optional[str] = None,
+        error: Optional[BaseException] = None,
+        traceback: Optional[str] = None,
+        progress: Optional[tuple[float, Optional[str]]] = None,
+    ) -> "AttemptEnd":
+        percent, message = progress or (None, None)
+        if error is None:
+            return cls(job_id, number, outcome, state, result, None, None, None, traceback, percent, message)
+        # PostgreSQL text holds no NUL, and an exception's message may.
+        error_type, error_message = type(error).__name__, str(error).replace("\0", "\ufffd")
+        last_error = f"{error_type}: {error_message}"
+        return cls(job_id, number, outcome, state, result, last_error, error_type, error_message, traceback, percent, message)
+
+    def parameters(self, now: float) -> dict[str, Any]:
+        """For `_END_JOB` and `_END_ATTEMPT`, executed with many ends at once."""
+        return {"now": now, **{f"b_{name}": value for name, value in zip(self._fields, self)}}
+
+
+#: A write of Tracking's: the start or the end of an attempt.
+AttemptRecord = Union[StartRequest, AttemptEnd]
+
+
+def _columns(record_type: Any, records: list[Any]) -> dict[str, list[Any]]:
+    """The fields of `records` as one list per field, named ``<type>_<field>``: the arrays that
+    `_RECORD_ATTEMPTS_PG` unnests."""
+    prefix = record_type.__name__.lower()
+    return {f"{prefix}_{name}": [getattr(record, name) for record in records] for name in record_type._fields}
+
+
+def _state_in(states: frozenset[JobState]) -> Any:
+    """``jobs.state IN (...)`` with the states written into the SQL, as executemany requires."""
+    return jobs.c.state.in_([literal_column(f"'{state.value}'") for state in sorted(states)])
+
+
+# The statements of the writer's batches, built once: they run for every job.
+
+_START_QUEUED = (
+    update(jobs)
+    .where(jobs.c.id.in_(bindparam("ids", expanding=True)), _state_in(TRANSITIONS[JobState.RUNNING]))
+    .values(state=JobState.RUNNING, attempts=jobs.c.attempts + 1, started_at=bindparam("now"), updated_at=bindparam("now"))
+    .returning(jobs.c.id, jobs.c.attempts, jobs.c.cancel_requested_at)
+)
+
+#: Columns of an ended job that keep their value when the end brings none.
+_KEEP_UNLESS_GIVEN = {
+    "updated_at": bindparam("now"),
+    "last_error": func.coalesce(bindparam("b_last_error"), jobs.c.last_error),
+    "progress_percent": func.coalesce(bindparam("b_progress_percent"), jobs.c.progress_percent),
+    "progress_message": func.coalesce(bindparam("b_progress_message"), jobs.c.progress_message),
+}
+
+#: By the state the job ends in (None: it was moved already), each a compare-and-set.
+_END_JOB = {
+    None: update(jobs).where(jobs.c.id == bindparam("b_job_id")).values(_KEEP_UNLESS_GIVEN),
+    **{
+        state: update(jobs)
+        .where(jobs.c.id == bindparam("b_job_id"), _state_in(TRANSITIONS[state]))
+        .values(state=state, result=bindparam("b_result"), finished_at=bindparam("now"), **_KEEP_UNLESS_GIVEN)
+        for state in FINISHED_STATES
+    },
+}
+
+_END_ATTEMPT = (
+    update(attempts)
+    .where(attempts.c.job_id == bindparam("b_job_id"), attempts.c.number == bindparam("b_number"))
+    .values(
+        finished_at=bindparam("now"),
+        duration_ms=(bindparam("now") - attempts.c.started_at) * 1000,
+        outcome=bindparam("b_outcome"),
+        error_type=bindparam("b_error_type"),
+        error_message=bindparam("b_error_message"),
+        traceback=bindparam("b_traceback"),
+    )
+)
+
+
+def _may_end_sql() -> str:
+    """The compare-and-set of an ending job, `TRANSITIONS` written out for `_RECORD_ATTEMPTS_PG`."""
+    moves = [
+        f"(e.state = '{state.value}' AND jobs.state IN ({', '.join(repr(s.value) for s in sorted(TRANSITIONS[state]))}))"
+        for state in sorted(FINISHED_STATES)
+    ]
+    return " OR ".join(["e.state IS NULL", *moves])
+
+
+#: The writer's batch on PostgreSQL in one statement: the queued jobs of the starts moved to
+#: `running` with their attempt rows (as `Store.start_attempts` does), and the ends (as
+#: `Store.finish_attempts` does). Returns the jobs started; the starts of jobs that were not
+#: queued are looked at after it, one by one.
+_RECORD_ATTEMPTS_PG = text(
+    f"""
+WITH s AS (
+  SELECT * FROM unnest(
+    CAST(:startrequest_job_id AS text[]), CAST(:startrequest_host AS text[]),
+    CAST(:startrequest_pid AS int[]), CAST(:startrequest_worker_id AS text[])
+  ) AS s(job_id, host, pid, worker_id)
+), started AS (
+  UPDATE jobs SET state = 'running', attempts = jobs.attempts + 1, started_at = :now, updated_at = :now
+  FROM s WHERE jobs.id = s.job_id AND jobs.state IN ('queued', 'scheduled')
+  RETURNING jobs.id, jobs.attempts, jobs.cancel_requested_at, s.host, s.pid, s.worker_id
+), opened AS (
+  INSERT INTO attempts (job_id, number, worker_host, worker_pid, worker_id, started_at)
+  SELECT id, attempts, host, pid, worker_id, :now FROM started
+), e AS (
+  SELECT * FROM unnest(
+    CAST(:attemptend_job_id AS text[]), CAST(:attemptend_number AS int[]), CAST(:attemptend_outcome AS text[]),
+    CAST(:attemptend_state AS text[]), CAST(:attemptend_result AS text[]), CAST(:attemptend_last_error AS text[]),
+    CAST(:attemptend_error_type AS text[]), CAST(:attemptend_error_message AS text[]),
+    CAST(:attemptend_traceback AS text[]), CAST(:attemptend_progress_percent AS float8[]),
+    CAST(:attemptend_progress_message AS text[])
+  ) AS e(job_id, number, outcome, state, result, last_error, error_type, error_message, traceback,
+         progress_percent, progress_message)
+), ended AS (
+  UPDATE jobs SET
+    state = coalesce(e.state, jobs.state),
+    result = CASE WHEN e.state IS NULL THEN jobs.result ELSE e.result END,
+    finished_at = CASE WHEN e.state IS NULL THEN jobs.finished_at ELSE :now END,
+    updated_at = :now,
+    last_error = coalesce(e.last_error, jobs.last_error),
+    progress_percent = coalesce(e.progress_percent, jobs.progress_percent),
+    progress_message = coalesce(e.progress_message, jobs.progress_message)
+  FROM e WHERE jobs.id = e.job_id AND ({_may_end_sql()})
+), closed AS (
+  UPDATE attempts SET
+    finished_at = :now, duration_ms = (:now - attempts.started_at) * 1000, outcome = e.outcome,
+    error_type = e.error_type, error_message = e.error_message, traceback = e.traceback
+  FROM e WHERE attempts.job_id = e.job_id AND attempts.number = e.number
+)
+SELECT id, attempts, cancel_requested_at FROM started
+"""
+)
 
 
 class Store:
@@ -90,6 +260,8 @@ class Store:
         self.engine = _create_engine(url)
         self._insert = (sqlite if self.engine.dialect.name == "sqlite" else postgresql).insert
         self._current: ContextVar[Optional[Connection]] = ContextVar(f"store-{id(self)}", default=None)
+        #: Commits the writes of this process's worker threads together (see `engine.writer`).
+        self.writer = GroupCommit(self.connect_for_writes)
 
     # -- connections -------------------------------------------------------------------------
 
@@ -100,14 +272,18 @@ class Store:
         if current is not None:
             yield current
             return
-        with self.engine.connect() as connection:
-            connection = connection.execution_options(write=True)
+        with self.connect_for_writes() as connection:
             with connection.begin():
                 token = self._current.set(connection)
                 try:
                     yield connection
                 finally:
                     self._current.reset(token)
+
+    def connect_for_writes(self) -> Connection:
+        """A connection whose transactions write: on SQLite, ``begin()`` takes the write lock
+        at once (see `_create_engine`)."""
+        return self.engine.connect().execution_options(write=True)
 
     @contextmanager
     def reading(self) -> Iterator[Connection]:
@@ -130,6 +306,7 @@ class Store:
             connection.execute(text("SELECT 1"))
 
     def close(self) -> None:
+        self.writer.close()
         self.engine.dispose()
 
     # -- enqueue -------------------------------------------------------------------------------
@@ -214,62 +391,121 @@ class Store:
     def start_attempt(
         self, job_id: str, *, host: str, pid: int, worker_id: Optional[str], dead_after_s: float
     ) -> AttemptStart:
-        """Move the job to `running` and open an attempt row, in one transaction.
+        """Move the job to `running` and open an attempt row, in one transaction (see
+        `start_attempts`)."""
+        with self.transaction() as connection:
+            [start] = self.start_attempts(connection, [StartRequest(job_id, host, pid, worker_id, dead_after_s)])
+        return start
+
+    def record_attempts(self, connection: Connection, records: list[AttemptRecord]) -> list[Optional[AttemptStart]]:
+        """Starts and ends of attempts, in `connection`'s transaction: how the store's writer
+        commits those of all the worker threads of a process together.
+
+        On PostgreSQL one statement does all of it (`_RECORD_ATTEMPTS_PG`), unless the batch
+        both starts and ends the same job (a retry due at once), which no single statement can
+        do; elsewhere `start_attempts` and `finish_attempts` each take one statement per kind.
+
+        Returns:
+          one `AttemptStart` per `StartRequest`, None per `AttemptEnd`, in order.
+        """
+        starts = [record for record in records if isinstance(record, StartRequest)]
+        ends = [record for record in records if isinstance(record, AttemptEnd)]
+        one_statement = self.engine.dialect.name == "postgresql" and not (
+            {end.job_id for end in ends} & {start.job_id for start in starts}
+        )
+        if one_statement:
+            now = time.time()
+            parameters = {"now": now, **_columns(StartRequest, starts), **_columns(AttemptEnd, ends)}
+            queued = {row.id: row for row in connection.execute(_RECORD_ATTEMPTS_PG, parameters)}
+            started = iter(self._open_attempts(connection, starts, queued, now, opened=True))
+        else:
+            started = iter(self.start_attempts(connection, starts))
+            self.finish_attempts(connection, ends)
+        return [next(started) if isinstance(record, StartRequest) else None for record in records]
+
+    def start_attempts(self, connection: Connection, requests: list[StartRequest]) -> list[AttemptStart]:
+        """Move each request's job to `running` and open its attempt row, in `connection`'s
+        transaction: one UPDATE for every queued job of the batch, one INSERT for the attempts.
 
         A job found `running` already is run again only if the worker of its open attempt is
         dead: silent for `dead_after_s`, stopped, or unknown. That attempt is then closed as
         `abandoned`. Under a live worker it is left alone, however long it runs: liveness, not
         a timeout, decides. Two deliveries racing to rerun it are settled by a compare-and-set
-        on the attempt count, so at most one wins.
-        """
-        now = time.time()
-        with self.transaction() as connection:
-            queued = (
-                update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.state.in_(TRANSITIONS[JobState.RUNNING]))
-                .values(state=JobState.RUNNING, attempts=jobs.c.attempts + 1, started_at=now, updated_at=now)
-            )
-            number = connection.execute(queued.returning(jobs.c.attempts)).scalar()
-            if number is None:
-                number = self._rerun_if_abandoned(connection, job_id, now, dead_after_s)
-                if number is None:
-                    state = connection.execute(select(jobs.c.state).where(jobs.c.id == job_id)).scalar()
-                    return AttemptStart(None, running_elsewhere=state == JobState.RUNNING)
-            connection.execute(
-                attempts.insert().values(
-                    job_id=job_id, number=number, worker_host=host, worker_pid=pid, worker_id=worker_id, started_at=now
-                )
-            )
-            return AttemptStart(number)
+        on the attempt count, so at most one wins. The start also reads whether the job's
+        cancel was requested, so that the worker need not ask again.
 
-    def _rerun_if_abandoned(
-        self, connection: Connection, job_id: str, now: float, dead_after_s: float
-    ) -> Optional[int]:
-        """Take over a `running` job whose worker died; the new attempt number, or None."""
+        Returns:
+          list[AttemptStart]: one per request, in order.
+        """
+        if not requests:
+            return []
+        now = time.time()
+        moved = connection.execute(
+            _START_QUEUED, {"ids": [request.job_id for request in requests], "now": now}
+        ).all()
+        return self._open_attempts(connection, requests, {row.id: row for row in moved}, now, opened=False)
+
+    def _open_attempts(
+        self, connection: Connection, requests: list[StartRequest], queued: dict[str, Any], now: float, *, opened: bool
+    ) -> list[AttemptStart]:
+        """The starts of `requests`, given the `queued` jobs just moved to `running` (with their
+        attempt count and cancel request); the others are looked at one by one. Inserts the new
+        attempt rows, but those of `queued` when `opened` says that they are inserted already."""
+        starts, rows = [], []
+        for request in requests:
+            # pop: a second delivery of the same job in this batch finds it `running`.
+            row = queued.pop(request.job_id, None)
+            if row is not None:
+                start = AttemptStart(row.attempts, cancel_requested=row.cancel_requested_at is not None)
+            else:
+                start = self._start_running(connection, request, now)
+            if start.number is not None and (row is None or not opened):
+                rows.append(
+                    {
+                        "job_id": request.job_id,
+                        "number": start.number,
+                        "worker_host": request.host,
+                        "worker_pid": request.pid,
+                        "worker_id": request.worker_id,
+                        "started_at": now,
+                    }
+                )
+            starts.append(start)
+        if rows:
+            connection.execute(attempts.insert(), rows)
+        return starts
+
+    def _start_running(self, connection: Connection, request: StartRequest, now: float) -> AttemptStart:
+        """Start a job that was not queued: take it over if its worker died, else say why not."""
         open_attempt = attempts.c.finished_at.is_(None)
         found = connection.execute(
-            select(jobs.c.attempts, workers.c.heartbeat_at, workers.c.stopped_at)
+            select(jobs.c.state, jobs.c.attempts, jobs.c.cancel_requested_at, workers.c.heartbeat_at, workers.c.stopped_at)
             .select_from(
                 jobs.outerjoin(attempts, and_(attempts.c.job_id == jobs.c.id, open_attempt)).outerjoin(
                     workers, workers.c.id == attempts.c.worker_id
                 )
             )
-            .where(jobs.c.id == job_id, jobs.c.state == JobState.RUNNING)
+            .where(jobs.c.id == request.job_id)
         ).first()
-        if found is None:
-            return None
-        alive = found.heartbeat_at is not None and found.stopped_at is None and now - found.heartbeat_at < dead_after_s
+        if found is None or found.state != JobState.RUNNING:
+            return AttemptStart(None)
+        alive = (
+            found.heartbeat_at is not None
+            and found.stopped_at is None
+            and now - found.heartbeat_at < request.dead_after_s
+        )
         if alive:
-            return None
+            return AttemptStart(None, running_elsewhere=True)
         number = connection.execute(
             update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.state == JobState.RUNNING, jobs.c.attempts == found.attempts)
+            .where(jobs.c.id == request.job_id, jobs.c.state == JobState.RUNNING, jobs.c.attempts == found.attempts)
             .values(attempts=jobs.c.attempts + 1, started_at=now, updated_at=now)
             .returning(jobs.c.attempts)
         ).scalar()
-        if number is not None:
-            self._close_open_attempts(connection, job_id, Outcome.ABANDONED, now)
-        return number
+        if number is None:  # another delivery took it over first: it runs there now
+            return AttemptStart(None, running_elsewhere=True)
+        self._close_open_attempts(connection, request.job_id, Outcome.ABANDONED, now)
+        return AttemptStart(number, cancel_requested=found.cancel_requested_at is not None)
 
     def finish_attempt(
         self,
@@ -283,34 +519,31 @@ class Store:
         traceback: Optional[str] = None,
         progress: Optional[tuple[float, Optional[str]]] = None,
     ) -> None:
-        """Close attempt `number` with its outcome and, when `state` is given, end the job there.
-
-        When `state` is None the job's state was already moved (a retry set it to `scheduled`)
-        and only its last error and progress are written.
-        """
-        now = time.time()
-        job_values: dict[str, Any] = {"updated_at": now}
-        if error is not None:
-            job_values["last_error"] = f"{type(error).__name__}: {error}"
-        if progress is not None:
-            job_values["progress_percent"], job_values["progress_message"] = progress
+        """Close attempt `number` with its outcome and, when `state` is given, end the job there
+        (see `finish_attempts`)."""
+        end = AttemptEnd.of(job_id, number, outcome, state=state, result=result, error=error, traceback=traceback, progress=progress)
         with self.transaction() as connection:
-            if state is None:
-                connection.execute(jobs.update().where(jobs.c.id == job_id).values(**job_values))
-            else:
-                self._transition(connection, job_id, state, result=result, finished_at=now, **job_values)
-            connection.execute(
-                attempts.update()
-                .where(attempts.c.job_id == job_id, attempts.c.number == number)
-                .values(
-                    finished_at=now,
-                    duration_ms=(now - attempts.c.started_at) * 1000,
-                    outcome=outcome,
-                    error_type=type(error).__name__ if error is not None else None,
-                    error_message=str(error) if error is not None else None,
-                    traceback=traceback,
-                )
-            )
+            self.finish_attempts(connection, [end])
+
+    def finish_attempts(self, connection: Connection, ends: list[AttemptEnd]) -> list[None]:
+        """Close attempts with their outcomes, in `connection`'s transaction, one executemany
+        per statement for the whole batch.
+
+        A job whose end has a `state` is moved there (compare-and-set). When `state` is None
+        the job's state was already moved (a retry set it to `scheduled`) and only its last
+        error and progress are written.
+
+        Returns:
+          list[None]: one per end, for the writer that batches them.
+        """
+        if not ends:
+            return []
+        now = time.time()
+        for state in {end.state for end in ends}:
+            rows = [end.parameters(now) for end in ends if end.state == state]
+            connection.execute(_END_JOB[state], rows)
+        connection.execute(_END_ATTEMPT, [end.parameters(now) for end in ends])
+        return [None] * len(ends)
 
     def set_progress(self, job_id: str, percent: float, message: Optional[str]) -> None:
         """Record progress of a running job (ignored once it has ended)."""

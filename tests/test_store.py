@@ -9,7 +9,7 @@ from sqlalchemy import update
 
 from engine.job import JobState, Outcome
 from engine.schema import workers
-from engine.store import Store
+from engine.store import AttemptStart, Store
 
 DEAD_AFTER_S = 10
 
@@ -32,7 +32,7 @@ def start(store: Store, job_id: str, worker_id: str, pid: int = 1):
 def test_a_queued_job_starts_its_first_attempt(store, job):
     store.heartbeat("w1", host="h", pid=1)
 
-    assert start(store, job, "w1") == (1, False)
+    assert start(store, job, "w1") == AttemptStart(1)
     assert store.get(job).state == JobState.RUNNING
 
 
@@ -41,7 +41,7 @@ def test_a_job_running_under_a_live_worker_is_left_to_it(store, job):
     start(store, job, "w1")
 
     # a second delivery, e.g. after RabbitMQ closed the first consumer's channel
-    assert start(store, job, "w2") == (None, True)
+    assert start(store, job, "w2") == AttemptStart(None, running_elsewhere=True)
     assert [a.outcome for a in store.list_attempts(job)] == [None]  # still running, untouched
 
 
@@ -51,7 +51,7 @@ def test_a_job_whose_worker_went_silent_is_run_again_and_its_attempt_abandoned(s
     with store.transaction() as connection:
         connection.execute(update(workers).values(heartbeat_at=time.time() - DEAD_AFTER_S - 1))
 
-    assert start(store, job, "w2", pid=2) == (2, False)
+    assert start(store, job, "w2", pid=2) == AttemptStart(2)
     first, second = store.list_attempts(job)
     assert (first.outcome, first.worker_pid) == (Outcome.ABANDONED, 1)  # with the worker that held it
     assert second.outcome is None and second.worker_pid == 2
@@ -62,7 +62,7 @@ def test_a_job_whose_worker_the_supervisor_saw_die_is_run_again_at_once(store, j
     start(store, job, "w1")
     store.mark_workers_stopped(host="h", pid=1)
 
-    assert start(store, job, "w2", pid=2) == (2, False)
+    assert start(store, job, "w2", pid=2) == AttemptStart(2)
 
 
 def test_two_deliveries_racing_to_take_over_an_abandoned_job_run_it_once(store, job):
@@ -72,8 +72,8 @@ def test_two_deliveries_racing_to_take_over_an_abandoned_job_run_it_once(store, 
     start(store, job, "w1")
     store.mark_workers_stopped(worker_id="w1")
 
-    assert start(store, job, "w2", pid=2) == (2, False)
-    assert start(store, job, "w3", pid=3) == (None, True)  # w2 holds it now, alive
+    assert start(store, job, "w2", pid=2) == AttemptStart(2)
+    assert start(store, job, "w3", pid=3) == AttemptStart(None, running_elsewhere=True)  # w2 holds it now, alive
     assert [a.outcome for a in store.list_attempts(job)] == [Outcome.ABANDONED, None]
 
 
@@ -84,9 +84,9 @@ def test_a_finished_job_is_never_started_again(store, job, final):
     store.finish_attempt(job, 1, Outcome.SUCCEEDED, state=final)
     store.mark_workers_stopped(worker_id="w1")
 
-    assert start(store, job, "w2") == (None, False)
+    assert start(store, job, "w2") == AttemptStart(None)
     assert store.get(job).attempts == 1
 
 
 def test_an_unknown_job_is_not_started(store):
-    assert start(store, "nope", "w1") == (None, False)
+    assert start(store, "nope", "w1") == AttemptStart(None)

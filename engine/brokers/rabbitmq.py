@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
+from concurrent.futures import Future, wait
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, TypeVar, Union
 
@@ -38,7 +39,7 @@ from dramatiq.middleware import Middleware
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
 from ..errors import BrokerUnavailable
-from ..middleware.tracking import Tracking
+from ..middleware.tracking import Tracking, when_recorded
 from ..store import Store
 
 #: Delays longer than this (milliseconds) wait in the hold queue by default. It must stay below
@@ -61,6 +62,11 @@ RETRY_DELAY = 0.25
 #: How often (milliseconds) a worker looks for delayed messages that have fallen due: they
 #: start at most this late (Dramatiq looks once per worker timeout, a second).
 DELAY_TICK_MS = 100
+
+#: How long (seconds) a closing consumer waits for the store to record the ends of the jobs
+#: it has yet to ack; a message it could not ack is delivered again, and its job, recorded
+#: finished by then, is skipped.
+SETTLE_TIMEOUT = 10.0
 
 #: Connect timeouts (seconds) of every connection the broker opens, unless the URL sets
 #: ``socket_timeout`` or ``stack_timeout``: pika's defaults, 10 s and 15 s, would hold a
@@ -152,6 +158,9 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
         self._depths_lock = threading.Lock()
         self._depths_connection: Optional[BlockingConnection] = None
         self._depths_channel: Optional[BlockingChannel] = None
+
+    #: Consumers ack a message once Tracking has recorded its end (`when_recorded`).
+    settles_when_recorded = True
 
     @property
     def consumer_class(self) -> type[_RabbitmqConsumer]:
@@ -436,6 +445,7 @@ class _HoldingConsumer(_RabbitmqConsumer):
 
     def __init__(self, broker: RabbitmqBroker, queue_name: str, prefetch: int, timeout: int) -> None:
         self.delayed = queue_name.endswith(".DQ")
+        self.unsettled: set[Future[None]] = set()
         super().__init__(broker, queue_name, prefetch, min(timeout, DELAY_TICK_MS) if self.delayed else timeout)
 
     def __next__(self) -> Any:
@@ -457,10 +467,26 @@ class _HoldingConsumer(_RabbitmqConsumer):
             raise ConnectionClosed(error) from None
         return None
 
+    def ack(self, message: Any) -> None:
+        self._when_recorded(message, lambda: super(_HoldingConsumer, self).ack(message))
+
+    def nack(self, message: Any) -> None:
+        self._when_recorded(message, lambda: super(_HoldingConsumer, self).nack(message))
+
+    def _when_recorded(self, message: Any, settle: Callable[[], None]) -> None:
+        """Settle once the end of the message's job is committed to the store (`when_recorded`):
+        the worker thread does not wait for it."""
+        recorded = when_recorded(message, settle)
+        if recorded is not None:
+            self.unsettled.add(recorded)
+            recorded.add_done_callback(self.unsettled.discard)
+
     def close(self) -> None:
-        """Close the channel and the connection. Dramatiq's leaves the connection open when
-        the channel is closed already, which is how RabbitMQ cuts off a consumer (e.g. on
-        ``consumer_timeout``): each restart of the consumer would leak a connection."""
+        """Close the channel and the connection, once the messages whose end is being
+        recorded are settled. Dramatiq's leaves the connection open when the channel is closed
+        already, which is how RabbitMQ cuts off a consumer (e.g. on ``consumer_timeout``): each
+        restart of the consumer would leak a connection."""
+        wait(list(self.unsettled), timeout=SETTLE_TIMEOUT)
         try:
             super().close()
         finally:

@@ -31,11 +31,12 @@ from dramatiq.errors import BrokerConnectionError, DecodeError, QueueJoinTimeout
 from dramatiq.logging import get_logger
 from dramatiq.message import Message
 from dramatiq.middleware import Middleware
-from sqlalchemy import Executable, Row, case, delete, func, or_, select, update
+from sqlalchemy import Connection, Executable, Row, case, delete, func, or_, select, update
 from sqlalchemy.exc import OperationalError
 
 from ..schema import messages
 from ..store import Store
+from ..writer import Apply
 
 #: The longest an idle consumer sleeps without looking at its queue. It bounds how late an
 #: expired lease is noticed, and the cost of a lost wake-up.
@@ -61,6 +62,9 @@ class SQLiteBroker(Broker):
     Raises:
       ValueError: if the store is not in a SQLite file, the one thing its processes share.
     """
+
+    #: Acks and nacks go through the store's writer after Tracking's record of the job's end.
+    settles_when_recorded = True
 
     def __init__(
         self, store: Store, *, middleware: Optional[list[Middleware]] = None, lease_seconds: float = 15.0
@@ -288,10 +292,10 @@ class _SQLiteConsumer(Consumer):
         return self.claimed.popleft()
 
     def ack(self, message: MessageProxy) -> None:
-        self._settle([message.row_id], delete(messages).where(messages.c.id == message.row_id))
+        self._settle_with_writes(message.row_id, _delete_rows)
 
     def nack(self, message: MessageProxy) -> None:
-        self._settle([message.row_id], self._dead_letter(message.row_id))
+        self._settle_with_writes(message.row_id, _dead_letter_rows)
 
     def requeue(self, proxies: Iterable[MessageProxy]) -> None:
         """Clear the leases of messages this process will not run, so any consumer takes them now."""
@@ -337,7 +341,7 @@ class _SQLiteConsumer(Consumer):
                 message = Message.decode(row.body)
             except DecodeError:
                 self.logger.exception("Failed to decode message row %d; dead-lettering it.", row.id)
-                self._settle([row.id], self._dead_letter(row.id))
+                self._settle([row.id], _dead_letter(row.id))
                 continue
             # A lease owner left on the row is a previous holder that neither settled it nor
             # requeued it: it died, maybe in the middle of running it.
@@ -421,9 +425,13 @@ class _SQLiteConsumer(Consumer):
 
     # -- settling -----------------------------------------------------------------------------
 
-    @staticmethod
-    def _dead_letter(row_id: int) -> Executable:
-        return update(messages).where(messages.c.id == row_id).values(dead_at=time.time())
+    def _settle_with_writes(self, row_id: int, apply: Apply[int, None]) -> None:
+        """Ack or nack through the store's writer, after the writes handed to it before (Tracking's
+        record of the job's end) and in the same commit as those of other threads. The worker
+        thread does not wait: the row is released once it is committed. Meanwhile it stays
+        leased, so a crash before the commit delivers it again."""
+        settled = self.broker.store.writer.submit(apply, row_id)
+        settled.add_done_callback(lambda done: self._released([row_id], done.exception()))
 
     def _settle(self, row_ids: list[int], statement: Executable) -> None:
         """Run the statement that ends this holding, then stop renewing the rows' leases.
@@ -433,10 +441,29 @@ class _SQLiteConsumer(Consumer):
         """
         with _database_errors(), self.broker.store.transaction() as connection:
             connection.execute(statement)
+        self._released(row_ids)
+
+    def _released(self, row_ids: list[int], error: Optional[BaseException] = None) -> None:
+        if error is not None:  # outages are waited out: only a bug gets here
+            self.logger.error("Failed to settle message rows %s: %r; they are delivered again.", row_ids, error)
         self.broker.leases.release(row_ids)
         with self.settled:
             self.held.difference_update(row_ids)
             self.settled.notify_all()
+
+
+def _dead_letter(*row_ids: int) -> Executable:
+    return update(messages).where(messages.c.id.in_(row_ids)).values(dead_at=time.time())
+
+
+def _delete_rows(connection: Connection, row_ids: list[int]) -> list[None]:
+    connection.execute(delete(messages).where(messages.c.id.in_(row_ids)))
+    return [None] * len(row_ids)
+
+
+def _dead_letter_rows(connection: Connection, row_ids: list[int]) -> list[None]:
+    connection.execute(_dead_letter(*row_ids))
+    return [None] * len(row_ids)
 
 
 class _SQLiteMessageProxy(MessageProxy):

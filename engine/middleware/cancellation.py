@@ -49,6 +49,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import JobCanceled
 from ..store import Store
+from .tracking import current_attempt
 
 #: The RabbitMQ fanout exchange cancel requests are published to; every worker process binds
 #: an exclusive queue of its own to it.
@@ -109,8 +110,10 @@ def cancel_requested() -> bool:
 class Cancellation(Middleware):
     """Interrupts running jobs whose cancel was requested, on whichever worker runs them.
 
-    It comes after Tracking (last, in `engine.broker.build_middleware`), so that its
-    ``before_process_message`` runs once the job is `running`. Each actor's function is wrapped
+    It comes before Tracking (in `engine.broker.build_middleware`): a job is registered here
+    before Tracking's start makes it `running`, so that no request is pushed while the job is
+    `running` but unknown to its process; a request committed before the start is read by the
+    start itself (`AttemptStart.cancel_requested`). Each actor's function is wrapped
     when the actor is declared, so that its thread is interrupted only while it runs the job's
     own code.
 
@@ -175,21 +178,12 @@ class Cancellation(Middleware):
         actor.fn = self._interruptible(actor.fn)
 
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
+        # Registered before Tracking starts the job, so that a request committed after the
+        # start finds it here when it is pushed; one committed before, Tracking's start reads.
         running = _RunningJob(message.message_id)
         with self._lock:
             self._running[threading.get_ident()] = running
         _current.set(running)
-        # A request committed before the job was registered was pushed to no one: look for it.
-        # It also catches a redelivered job whose cancel was requested before its worker died.
-        # Either way the job's code is not entered: `_arm` raises JobCanceled instead.
-        try:
-            requested = bool(self.store.cancel_requests([message.message_id]))
-        except SQLAlchemyError as error:
-            requested = False
-            logger.warning("Could not look for a cancel request of job {}: {!r}", message.message_id, error)
-        if requested:
-            with self._lock:
-                running.requested = True
 
     def after_process_message(
         self, broker: Broker, message: MessageProxy, *, result: object = None, exception: Optional[BaseException] = None
@@ -255,6 +249,8 @@ class Cancellation(Middleware):
             running = self._running.get(thread_id)
             if running is None or running.armed:
                 return False
+            attempt = current_attempt.get()
+            running.requested |= attempt is not None and attempt.cancel_requested
             if not running.requested:
                 running.armed = True
                 return True

@@ -6,7 +6,8 @@ The path of a job through this middleware:
   (``actor.send()``, ``engine.submit``, a retry, a delayed message becoming due). On the
   embedded broker this runs inside the broker's transaction, so the row and the message are
   committed together. If the row cannot be written, the enqueue is aborted.
-- ``before_process_message``: compare-and-set to `running` and an attempt row; a message whose
+- ``before_process_message``: compare-and-set to `running` and an attempt row (committed with
+  the starts and ends of the process's other threads: `engine.writer`); a message whose
   job is finished or canceled is skipped (acked without running). A message whose job is
   already `running` under a live worker (a redelivery) is skipped too, and a re-check of it is
   scheduled: should that worker die before the job ends, the re-check runs it again.
@@ -26,21 +27,20 @@ import time
 import traceback
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, TypeVar
+from concurrent.futures import Future
+from typing import Any, Callable, Optional
 
-from dramatiq import Broker, Message, Middleware
+from dramatiq import Broker, Message, Middleware, Worker
 from dramatiq.broker import MessageProxy
 from dramatiq.common import q_name
 from dramatiq.middleware import SkipMessage, TimeLimitExceeded
 from loguru import logger
-from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import ArgumentsNotSerializable, JobCanceled, ResultNotSerializable, ResultTooLarge, TrackingError
 from ..job import JobState, Outcome
-from ..store import Store
+from ..store import AttemptEnd, StartRequest, Store
 from .heartbeat import Heartbeat
-
-T = TypeVar("T")
 
 #: Marks a message sent only to look at a running job again later: it records no new job.
 RECHECK_OPTION = "engine_recheck"
@@ -48,8 +48,8 @@ RECHECK_OPTION = "engine_recheck"
 #: Message options that describe one delivery, not the job: not kept for a later requeue.
 _TRANSIENT_OPTIONS = frozenset({"eta", "retries", "traceback", "requeue_timestamp", RECHECK_OPTION})
 
-#: The longest pause between two tries of a store write during an outage.
-STORE_RETRY_MAX_PAUSE_S = 5.0
+#: How long a stopping worker waits for its last store writes while the database is down.
+SHUTDOWN_FLUSH_S = 10.0
 
 #: Progress is written at most this often per job; the last value always lands at the end.
 PROGRESS_INTERVAL_S = float(os.getenv("ENGINE_PROGRESS_INTERVAL_S", "0.5"))
@@ -62,6 +62,7 @@ class RunningAttempt:
     job_id: str
     number: int
     store: Store
+    cancel_requested: bool = False  # already when it started
     retry_enqueued: bool = False
     progress_written_at: float = 0.0
     pending_progress: Optional[tuple[float, Optional[str]]] = field(default=None)
@@ -145,14 +146,10 @@ class Tracking(Middleware):
             raise TrackingError(f"could not record job {message.message_id} in the store: {error}") from error
 
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
-        start = _until_stored(
-            self.store.start_attempt,
-            message.message_id,
-            host=self.host,
-            pid=os.getpid(),
-            worker_id=self.heartbeat.worker_id,
-            dead_after_s=self.dead_after_s,
+        request = StartRequest(
+            message.message_id, self.host, os.getpid(), self.heartbeat.worker_id, self.dead_after_s
         )
+        start = self.store.writer.write(self.store.record_attempts, request)
         if start.running_elsewhere:
             logger.info("Job {} runs under a live worker; looking again in {} s.", message.message_id, self.dead_after_s)
             recheck = message.copy(options={**message.options, RECHECK_OPTION: True})
@@ -163,7 +160,7 @@ class Tracking(Middleware):
             raise SkipMessage(message.message_id)
         # From here on this message is the job's own: a retry of it must be recorded as one.
         message.options.pop(RECHECK_OPTION, None)
-        current_attempt.set(RunningAttempt(message.message_id, start.number, self.store))
+        current_attempt.set(RunningAttempt(message.message_id, start.number, self.store, start.cancel_requested))
 
     def after_enqueue(self, broker: Broker, message: Message, delay: Optional[int]) -> None:
         attempt = current_attempt.get()
@@ -183,25 +180,25 @@ class Tracking(Middleware):
             return
         current_attempt.set(None)
         if exception is None:
-            self._record_success(message, attempt, result)
+            self._record_success(broker, message, attempt, result)
             return
         if not message.failed and not attempt.retry_enqueued:
             # Retries could not re-enqueue it (the broker or the store was down): dead-letter
             # it and fail the job visibly rather than ack it away; `engine retry` can requeue it.
             logger.error("The retry of job {} could not be enqueued; failing it.", attempt.job_id)
             message.fail()
-        self._record_failure(message, attempt, exception)
+        self._record_failure(broker, message, attempt, exception)
 
-    def _record_success(self, message: MessageProxy, attempt: RunningAttempt, result: Any) -> None:
+    def _record_success(self, broker: Broker, message: MessageProxy, attempt: RunningAttempt, result: Any) -> None:
         try:
             encoded = self._encode_result(result)
         except (ResultTooLarge, ResultNotSerializable) as error:
             message.fail()
-            self._finish(attempt, Outcome.FAILED, state=JobState.FAILED, error=error)
+            self._finish(broker, message, attempt, Outcome.FAILED, state=JobState.FAILED, error=error)
         else:
-            self._finish(attempt, Outcome.SUCCEEDED, state=JobState.SUCCEEDED, result=encoded)
+            self._finish(broker, message, attempt, Outcome.SUCCEEDED, state=JobState.SUCCEEDED, result=encoded)
 
-    def _record_failure(self, message: MessageProxy, attempt: RunningAttempt, exception: BaseException) -> None:
+    def _record_failure(self, broker: Broker, message: MessageProxy, attempt: RunningAttempt, exception: BaseException) -> None:
         # Without failure, Retries has already moved the job to `scheduled` by re-enqueueing it.
         state = JobState.FAILED if message.failed else None
         if isinstance(exception, JobCanceled):  # never retried: Retries fails it at once
@@ -213,17 +210,20 @@ class Tracking(Middleware):
         else:
             outcome = Outcome.WILL_RETRY
         trace = "".join(traceback.format_exception(exception))[-self.traceback_max_bytes :]
-        self._finish(attempt, outcome, state=state, error=exception, traceback=trace)
+        self._finish(broker, message, attempt, outcome, state=state, error=exception, traceback=trace)
 
-    def _finish(self, attempt: RunningAttempt, outcome: Outcome, **fields: Any) -> None:
-        _until_stored(
-            self.store.finish_attempt,
-            attempt.job_id,
-            attempt.number,
-            outcome,
-            progress=attempt.pending_progress,
-            **fields,
-        )
+    def _finish(self, broker: Broker, message: MessageProxy, attempt: RunningAttempt, outcome: Outcome, **fields: Any) -> None:
+        end = AttemptEnd.of(attempt.job_id, attempt.number, outcome, progress=attempt.pending_progress, **fields)
+        recorded = self.store.writer.submit(self.store.record_attempts, end)
+        if getattr(broker, "settles_when_recorded", False):
+            # The thread goes on to its next job; the broker acks this one once it is recorded,
+            # so that its end and the next job's start are committed together.
+            message.end_recorded = recorded
+        else:
+            recorded.result()
+
+    def after_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
+        self.store.writer.close(timeout=SHUTDOWN_FLUSH_S)
 
     def _encode_result(self, result: Any) -> Optional[str]:
         if result is None:
@@ -240,18 +240,32 @@ class Tracking(Middleware):
         return encoded
 
 
-def _until_stored(write: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a store write, retrying for as long as the database is unreachable.
 
-    A worker must neither run a job it could not record nor ack one whose end it could not
-    record, and it can do nothing else useful without the store: it waits. Should the worker
-    be stopped meanwhile, the message is not acked and goes back to the queue.
+def when_recorded(message: MessageProxy, settle: Callable[[], None]) -> Optional[Future[None]]:
+    """Run `settle` (the ack or nack of a delivered message) once Tracking has committed how
+    its attempt ended: at once if it has, else on the store's writer thread after the commit.
+
+    A broker whose consumers settle messages this way says so with a true
+    ``settles_when_recorded`` attribute; Tracking then leaves the wait to it.
+
+    Returns:
+      the pending record, or None if `settle` ran already.
     """
-    pause = 0.1
-    while True:
-        try:
-            return write(*args, **kwargs)
-        except (OperationalError, InterfaceError) as error:
-            logger.warning("The store is unreachable ({}); retrying in {:.1f} s.", type(error).__name__, pause)
-            time.sleep(pause)
-            pause = min(pause * 2, STORE_RETRY_MAX_PAUSE_S)
+    recorded: Optional[Future[None]] = getattr(message, "end_recorded", None)
+    if recorded is None or recorded.done():
+        _settle_recorded(message, settle, recorded)
+        return None
+    recorded.add_done_callback(lambda done: _settle_recorded(message, settle, done))
+    return recorded
+
+
+def _settle_recorded(message: MessageProxy, settle: Callable[[], None], recorded: Optional[Future[None]]) -> None:
+    error = recorded.exception() if recorded is not None else None
+    if error is not None:
+        # Only a bug gets here (outages are waited out): leaving the message unsettled would
+        # block its consumer's prefetch for good, so settle it, and say what was lost.
+        logger.error("Could not record the end of job {}: {!r}", message.message_id, error)
+    try:
+        settle()
+    except Exception as settle_error:
+        logger.warning("Could not settle message {} ({!r}); the broker will deliver it again.", message.message_id, settle_error)

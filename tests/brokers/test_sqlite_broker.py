@@ -202,6 +202,7 @@ def test_ack_deletes_the_row_and_nack_keeps_it_as_dead(broker, consumers):
 
     consumer.ack(next(consumer))
     consumer.nack(next(consumer))
+    broker.store.writer.flush()  # acks and nacks are committed by the store's writer
 
     [row] = rows(broker.store)
     assert row.message_id == nacked.message_id != acked.message_id
@@ -237,6 +238,7 @@ def test_renewed_leases_keep_a_long_held_message_from_redelivery(brokers, consum
         assert next(poller) is None
 
     consumer.ack(held)
+    holder.store.writer.flush()
     assert rows(holder.store) == []
 
 
@@ -277,6 +279,7 @@ def test_settling_or_renewing_a_message_whose_row_is_gone_does_not_fail(brokers,
     time.sleep(0.05)  # a renewal of the vanished rows
     consumer.ack(first)
     consumer.requeue([second])
+    broker.store.writer.flush()
 
     assert broker.leases.renewer.is_alive()
     assert rows(broker.store) == []
@@ -290,6 +293,7 @@ def test_queue_depths_count_each_state_per_declared_queue(broker, consumers):
     consumer = consumers(broker, prefetch=2)
     consumer.nack(next(consumer))
     next(consumer)
+    broker.store.writer.flush()
 
     assert broker.queue_depths() == {
         "default": {"ready": 2, "delayed": 1, "running": 1, "dead": 1},

@@ -8,10 +8,11 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from dramatiq import Middleware, Worker
+from dramatiq import Message, Middleware, Worker
 
 import engine
 from engine import CancelOutcome, JobState, Outcome
+from engine.middleware import Tracking
 from engine.middleware.cancellation import Cancellation
 from engine.settings import Settings
 from tests.support.processes import wait_for
@@ -248,27 +249,46 @@ def test_a_cancel_missed_by_the_push_is_found_in_the_store(stub_broker, cancella
         worker.stop()
 
 
-def test_a_cancel_between_the_start_and_the_registration_stops_the_job_before_its_code(stub_broker, stub_worker):
+def test_a_cancel_right_after_the_start_is_not_missed(stub_broker, stub_worker):
+    """A request committed after Tracking made the job `running`, before its code runs: the
+    job was registered before its start, so the push finds it (the store is looked at only
+    every 30 s here)."""
     runs = []
 
     class CancelRightAfterTracking(Middleware):
-        """Cancels the job after Tracking made it `running`, before Cancellation registered it,
-        so that the push finds no thread to interrupt."""
-
         def before_process_message(self, broker, message):
             assert engine.cancel(message.message_id).outcome == CancelOutcome.REQUESTED
 
     @engine.actor
     def report():
         runs.append(1)
+        spin(10)
 
-    cancellation_index = next(i for i, m in enumerate(stub_broker.middleware) if isinstance(m, Cancellation))
-    stub_broker.middleware.insert(cancellation_index, CancelRightAfterTracking())
+    tracking_index = next(i for i, m in enumerate(stub_broker.middleware) if isinstance(m, Tracking))
+    stub_broker.middleware.insert(tracking_index + 1, CancelRightAfterTracking())
     job = engine.submit("report")
 
     assert wait_for_state(job.id, FINISHED, timeout=2).state == JobState.CANCELED
-    assert runs == []
     assert [a.outcome for a in engine.attempts(job.id)] == [Outcome.CANCELED]
+
+
+def test_a_redelivered_job_whose_cancel_was_requested_stops_before_its_code(stub_broker, stub_worker, store):
+    """The job's first worker died while it ran, after its cancel was requested: the start of
+    its redelivery reads the request, and the code is never entered."""
+    runs = []
+
+    @engine.actor
+    def report():
+        runs.append(1)
+
+    job = engine.submit("report", delay=60)  # not due: only the redelivery below runs it
+    store.start_attempt(job.id, host="gone", pid=1, worker_id="dead-worker", dead_after_s=10)
+    assert store.request_cancel(job.id).state == JobState.RUNNING
+    stub_broker.enqueue(Message(queue_name="default", actor_name="report", args=(), kwargs={}, options={}, message_id=job.id))
+
+    assert wait_for_state(job.id, FINISHED, timeout=2).state == JobState.CANCELED
+    assert runs == []
+    assert [a.outcome for a in engine.attempts(job.id)] == [Outcome.ABANDONED, Outcome.CANCELED]
 
 
 # -- answers --------------------------------------------------------------------------------------

@@ -1,0 +1,198 @@
+"""Group commit: the store writes of a process's threads, committed together.
+
+Each job costs its worker two writes that must be durable before it goes on: the job may not
+run before it is `running`, and its message may not be acknowledged before its end is
+recorded. Committed one by one, that is a transaction per write, each with its own round trips
+and its own flush to disk (on SQLite, under the database's one write lock). Here a single
+writer thread per process takes every write that is waiting, applies them in one transaction
+(one statement per kind of write, for the whole batch), commits once, and wakes the threads
+that wait for them.
+
+No write waits for a timer: a write that arrives while a batch is being committed goes into
+the next one, so batches grow with load and a lone write is committed at once.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from concurrent.futures import Future, wait
+from typing import Any, Callable, NamedTuple, Optional, TypeVar
+
+from loguru import logger
+from sqlalchemy import Connection
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: Applies a batch of items of one kind in an open transaction; one result per item, in order.
+Apply = Callable[[Connection, list[T]], list[R]]
+
+#: The most writes committed in one transaction.
+MAX_BATCH = 512
+
+#: The longest pause between two tries of a batch while the database is unreachable.
+OUTAGE_MAX_PAUSE_S = 5.0
+
+#: Errors that mean the database cannot be reached (or is locked), not that a write is wrong.
+OUTAGE_ERRORS = (OperationalError, InterfaceError)
+
+
+class _Write(NamedTuple):
+    apply: Apply[Any, Any]
+    item: Any
+    patient: bool
+    future: Future[Any]
+
+
+class GroupCommit:
+    """The writer thread of one process, for one database.
+
+    Parameters:
+      connect: opens the writer's own connection, kept for as long as it works; ``begin()``
+        on it must start a write transaction.
+
+    Batches are committed one at a time, in the order their writes were handed in: a write is
+    never committed before one handed in earlier (the embedded broker's acks rely on it). One
+    thread is enough: a second, on a connection of its own, made batches smaller and slower
+    (its Python competes for the same GIL).
+
+    A patient write (the worker's start and end of a job) waits out a database outage: it is
+    tried again, with growing pauses, for as long as the database is down, since a worker can
+    neither run a job it could not record nor acknowledge one whose end it could not record. An
+    impatient one fails with the outage error. A write that fails for any other reason fails
+    alone: its batch is committed again without it.
+    """
+
+    def __init__(self, connect: Callable[[], Connection]) -> None:
+        self.connect = connect
+        self._writes: queue.SimpleQueue[Optional[_Write]] = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+        self._pid = 0
+        self._lock = threading.Lock()
+        self._pending: set[Future[Any]] = set()
+
+    def write(self, apply: Apply[T, R], item: T, *, patient: bool = True) -> R:
+        """Commit one item with the next batch and return its result (see `submit`)."""
+        return self.submit(apply, item, patient=patient).result()
+
+    def submit(self, apply: Apply[T, R], item: T, *, patient: bool = True) -> Future[R]:
+        """Hand `item` to the writer, to be applied by `apply` with the other items of its kind
+        in the next batch. Returns at once; the future is done when the write is committed (its
+        callbacks then run on the writer thread), or has failed.
+        """
+        self._ensure_thread()
+        future: Future[R] = Future()
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+        self._writes.put(_Write(apply, item, patient, future))
+        return future
+
+    def flush(self, timeout: Optional[float] = None) -> None:
+        """Wait until every write handed in so far is committed (or has failed)."""
+        wait(list(self._pending), timeout=timeout)
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Commit what was handed in, then stop the thread (a later write starts a new one).
+
+        Parameters:
+          timeout(float): seconds to wait at most, for a database that is down; the writes
+            left are then lost with the process, and their messages delivered again.
+        """
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._writes.put(None)
+            thread.join(timeout)
+
+    def _ensure_thread(self) -> None:
+        # A forked child inherits the attribute but not the thread: the pid tells.
+        if self._thread is not None and self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._thread is None or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        writer = _Writer(self.connect)
+        try:
+            while True:
+                first = self._writes.get()
+                if first is None:
+                    return
+                batch = [first]
+                while len(batch) < MAX_BATCH:
+                    try:
+                        more = self._writes.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        self._writes.put(None)  # for the next get: stop after this batch
+                        break
+                    batch.append(more)
+                writer.commit(batch)
+        finally:
+            writer.disconnect(broken=False)
+
+
+class _Writer:
+    """One writer thread's connection, and how it commits a batch."""
+
+    def __init__(self, connect: Callable[[], Connection]) -> None:
+        self.connect = connect
+        self.connection: Optional[Connection] = None
+
+    def commit(self, batch: list[_Write]) -> None:
+        pause = 0.1
+        while batch:
+            try:
+                results = self._apply(batch)
+            except OUTAGE_ERRORS as error:
+                self.disconnect(broken=True)
+                for write in batch:
+                    if not write.patient:
+                        write.future.set_exception(error)
+                batch = [write for write in batch if write.patient]
+                if batch:
+                    logger.warning("The store is unreachable ({}); retrying in {:.1f} s.", type(error).__name__, pause)
+                    time.sleep(pause)
+                    pause = min(pause * 2, OUTAGE_MAX_PAUSE_S)
+                continue
+            except Exception as error:
+                if len(batch) == 1:
+                    batch[0].future.set_exception(error)
+                else:
+                    logger.warning("A batch of {} store writes failed ({!r}); committing them one by one.", len(batch), error)
+                    for write in batch:
+                        self.commit([write])
+                return
+            for write, value in zip(batch, results):
+                write.future.set_result(value)
+            return
+
+    def _apply(self, batch: list[_Write]) -> list[Any]:
+        """Apply the batch in one transaction, kind by kind; the results in batch order."""
+        kinds: dict[Apply[Any, Any], list[int]] = {}
+        for index, write in enumerate(batch):
+            kinds.setdefault(write.apply, []).append(index)
+        results: list[Any] = [None] * len(batch)
+        if self.connection is None:
+            self.connection = self.connect()
+        with self.connection.begin():
+            for apply, indexes in kinds.items():
+                for index, value in zip(indexes, apply(self.connection, [batch[i].item for i in indexes])):
+                    results[index] = value
+        return results
+
+    def disconnect(self, *, broken: bool) -> None:
+        connection, self.connection = self.connection, None
+        if connection is None:
+            return
+        if broken:
+            connection.invalidate()  # it must not go back to the pool
+        connection.close()
