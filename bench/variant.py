@@ -542,14 +542,16 @@ class Run:
                 log(f"{name}: WARNING: the store has {r.store_succeeded} succeeded jobs, expected {expected}")
 
     def enqueue(self, actor: Any, n: int) -> tuple[float, float]:
-        """`n` sends on this thread; the rate of the loop, and of the loop plus the wait until
-        the broker counts them all (bare Dramatiq publishes without confirms)."""
+        """`n` sends on this thread; the rate of the loop (for the engine, until the last job is
+        recorded and confirmed: ``engine.flush``), and of the loop plus the wait until the
+        broker counts them all (bare Dramatiq publishes without confirms)."""
         depth = self.depth()
         try:
             before = depth.sample().ready if self._queue_exists(depth) else 0
             started = time.perf_counter()
             for _ in range(n):
                 actor.send()
+            self.flush()
             sent = time.perf_counter()
             wait_until(lambda: depth.sample().ready >= before + n, 120, f"{n} messages in the queue", interval=0.01)
             queued = time.perf_counter()
@@ -613,11 +615,20 @@ class Run:
             round(statistics.median(send_ms), 3),
         )
 
+    def flush(self) -> None:
+        """Wait until the engine's sends are recorded and in the broker (it sends in batches,
+        from a thread of its own); bare Dramatiq's are written to the socket already."""
+        if self.variant.engine:
+            import engine
+
+            engine.flush()
+
     def enqueue_into_running(self, actor: Any, n: int) -> float:
         """`n` sends while the workers run; returns the send rate; waits until all are done."""
         started = time.perf_counter()
         for _ in range(n):
             actor.send()
+        self.flush()
         rate = n / (time.perf_counter() - started)
         time.sleep(0.5)
         depth = self.depth()

@@ -6,7 +6,20 @@ with `engine.cancel`.
 """
 
 from .broker import actor, get_broker, get_store
-from .client import CancelOutcome, CancelResult, Page, attempts, cancel, get, jobs, queue_depths, result, retry, submit
+from .client import (
+    CancelOutcome,
+    CancelResult,
+    Page,
+    attempts,
+    cancel,
+    flush,
+    get,
+    jobs,
+    queue_depths,
+    result,
+    retry,
+    submit,
+)
 from .errors import (
     ArgumentsNotSerializable,
     BrokerUnavailable,
@@ -16,6 +29,7 @@ from .errors import (
     InvalidJobState,
     JobCanceled,
     JobNotFound,
+    JobsNotSent,
     PermanentError,
     ResultNotReady,
     ResultNotSerializable,
@@ -31,6 +45,7 @@ __all__ = [
     # Declaring and sending jobs
     "actor",
     "submit",
+    "flush",
     "progress",
     "cancel_requested",
     "PermanentError",
@@ -66,4 +81,5 @@ __all__ = [
     "InvalidJobState",
     "TrackingError",
     "BrokerUnavailable",
+    "JobsNotSent",
 ]

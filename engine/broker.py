@@ -89,6 +89,7 @@ def build_broker(settings: Settings) -> Broker:
         quorum_queues=settings.rabbitmq_quorum_queues,
         delay_hold_ms=settings.delay_hold_ms,
         pool_size=settings.broker_pool_size,
+        send_behind_timeout=settings.send_behind_timeout_s,
     )
 
 

@@ -16,6 +16,7 @@ from dramatiq import Message
 from dramatiq.errors import ActorNotFound
 
 from .broker import MAX_PRIORITY, get_broker, get_store
+from .brokers.rabbitmq import sending_now
 from .errors import DuplicateJob, EngineError, ResultNotReady, UnknownActor
 from .job import Attempt, Job, JobState
 from .middleware.cancellation import Cancellation
@@ -71,7 +72,8 @@ def submit(
             raise EngineError(f"priority must be between 0 and {MAX_PRIORITY}, got {priority}")
         options["broker_priority"] = priority
     try:
-        message = actor.send_with_options(args=args, kwargs=kwargs, **options)
+        with sending_now():  # the job returned is one RabbitMQ has
+            message = actor.send_with_options(args=args, kwargs=kwargs, **options)
     except DuplicateJob:  # another process submitted the same key between our lookup and insert
         return store.find_by_idempotency_key(idempotency_key)  # type: ignore[arg-type, return-value]
     return store.get(message.message_id)
@@ -79,6 +81,7 @@ def submit(
 
 def get(job_id: str) -> Job:
     """The job with this id. Raises: JobNotFound."""
+    _read_own_sends(job_id)
     return get_store().get(job_id)
 
 
@@ -89,6 +92,7 @@ def result(job_id: str) -> Any:
       JobNotFound: no such job.
       ResultNotReady: the job has not succeeded (yet, or ever); `.state` says which.
     """
+    _read_own_sends(job_id)
     state, encoded = get_store().get_result(job_id)
     if state != JobState.SUCCEEDED:
         raise ResultNotReady(job_id, state)
@@ -97,6 +101,7 @@ def result(job_id: str) -> Any:
 
 def attempts(job_id: str) -> list[Attempt]:
     """The job's audit trail, one entry per execution. Raises: JobNotFound."""
+    _read_own_sends(job_id)
     return get_store().list_attempts(job_id)
 
 
@@ -118,6 +123,7 @@ def jobs(
         state = JobState(status) if status is not None else None
     except ValueError:
         raise EngineError(f"unknown status {status!r}; one of: {', '.join(JobState)}") from None
+    _read_own_sends()
     page, next_cursor = get_store().list_jobs(state=state, actor=actor, limit=limit, cursor=cursor)
     return Page(page, next_cursor)
 
@@ -138,7 +144,8 @@ def retry(job_id: str) -> Job:
         options=store.message_options(job_id),
         message_id=job.id,
     )
-    get_broker().enqueue(message)
+    with sending_now():
+        get_broker().enqueue(message)
     return store.get(job_id)
 
 
@@ -183,6 +190,7 @@ def cancel(job_id: str) -> CancelResult:
     Raises:
       JobNotFound: no job has this id.
     """
+    _read_own_sends(job_id)
     job = get_store().request_cancel(job_id)
     if job.state == JobState.RUNNING:
         for middleware in get_broker().middleware:
@@ -205,7 +213,35 @@ def queue_depths() -> dict[str, dict[str, int]]:
     Raises:
       dramatiq.errors.BrokerConnectionError: the broker cannot be reached.
     """
+    _read_own_sends()
     return get_broker().queue_depths()  # type: ignore[attr-defined]
+
+
+def flush(timeout: Optional[float] = None) -> None:
+    """Wait until every job this process sent with ``actor.send()`` is recorded and in RabbitMQ.
+
+    Outside a worker, ``actor.send()`` returns as soon as the job is handed to a sender thread,
+    which records it and hands it to RabbitMQ within milliseconds, in batches (`submit` waits
+    instead). A process that exits flushes first. Embedded, every send is done when it returns.
+
+    Parameters:
+      timeout(float): seconds to wait at most.
+
+    Raises:
+      JobsNotSent: RabbitMQ did not take some of them, however long it was tried; each is
+        `failed`, and `retry` sends it again. Each is reported once.
+      TimeoutError: some are still being sent after `timeout` seconds.
+    """
+    wait_sent = getattr(get_broker(), "wait_sent", None)
+    if wait_sent is not None:
+        wait_sent(timeout)
+
+
+def _read_own_sends(job_id: Optional[str] = None) -> None:
+    """Let a read see this process's own sends that are still on their way (see `flush`)."""
+    settle = getattr(get_broker(), "settle_sends", None)
+    if settle is not None:
+        settle(job_id)
 
 
 def _delay_ms(delay: Union[float, timedelta, None]) -> Optional[int]:

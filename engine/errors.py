@@ -112,3 +112,25 @@ class BrokerUnavailable(EngineError, ConnectionClosed):
         )
         self.address = address
         self.job_id = job_id
+
+
+class JobsNotSent(EngineError, ConnectionClosed):
+    """Jobs sent without waiting (``actor.send()`` outside a worker) that RabbitMQ never took,
+    however long it was tried: `engine.flush` raises it.
+
+    They are not lost: each is `failed`, the reason its last error, and ``engine retry`` sends
+    it again.
+
+    Attributes:
+      address(str): where RabbitMQ was expected (``host:port/vhost``, without credentials).
+      job_ids(list[str]): the jobs.
+    """
+
+    def __init__(self, address: str, job_ids: list[str], reason: str) -> None:
+        shown = ", ".join(job_ids[:5]) + (f" and {len(job_ids) - 5} more" if len(job_ids) > 5 else "")
+        super().__init__(
+            f"RabbitMQ at {address} did not take {len(job_ids)} job(s) ({shown}): {reason}; "
+            "they are failed, and `engine retry` sends them again"
+        )
+        self.address = address
+        self.job_ids = job_ids

@@ -73,6 +73,11 @@ class Settings(BaseSettings):
         ge=1,
         description="delays longer than this wait in a TTL queue, not in a consumer: keep below consumer_timeout",
     )
+    send_behind_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="how long a job sent without waiting is tried while RabbitMQ is down, before it is failed",
+    )
 
     @field_validator("broker_url")
     @classmethod

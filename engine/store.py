@@ -133,6 +133,17 @@ class AttemptEnd(NamedTuple):
         return {"now": now, **{f"b_{name}": value for name, value in zip(self._fields, self)}}
 
 
+class EnqueueRecord(NamedTuple):
+    """The job row of a message being enqueued (see `Store.record_enqueues`)."""
+
+    row: dict[str, Any]
+    delayed: bool
+
+    @property
+    def state(self) -> JobState:
+        return JobState.SCHEDULED if self.delayed else JobState.QUEUED
+
+
 #: A write of Tracking's: the start or the end of an attempt.
 AttemptRecord = Union[StartRequest, AttemptEnd]
 
@@ -188,6 +199,35 @@ _END_ATTEMPT = (
         error_message=bindparam("b_error_message"),
         traceback=bindparam("b_traceback"),
     )
+)
+
+
+#: The columns of a new job's row (`EnqueueRecord.row` and its state), with their types.
+_NEW_JOB_COLUMNS = {
+    "id": "text",
+    "actor": "text",
+    "queue": "text",
+    "state": "text",
+    "args": "text",
+    "kwargs": "text",
+    "options": "text",
+    "priority": "int",
+    "idempotency_key": "text",
+    "created_at": "float8",
+    "scheduled_for": "float8",
+}
+
+#: `Store.record_enqueues` on PostgreSQL: the batch's rows in one statement of fixed text (a
+#: multi-row VALUES has a text per batch size, which psycopg parses again each time).
+_RECORD_ENQUEUES_PG = text(
+    f"""
+INSERT INTO jobs ({", ".join(_NEW_JOB_COLUMNS)}, attempts, updated_at)
+SELECT {", ".join(_NEW_JOB_COLUMNS)}, 0, created_at FROM unnest(
+  {", ".join(f"CAST(:new_{name} AS {kind}[])" for name, kind in _NEW_JOB_COLUMNS.items())}
+) AS new({", ".join(_NEW_JOB_COLUMNS)})
+ON CONFLICT (id) DO NOTHING
+RETURNING id
+"""
 )
 
 
@@ -259,11 +299,17 @@ class Store:
         self.url = url
         self.engine = _create_engine(url)
         self._insert = (sqlite if self.engine.dialect.name == "sqlite" else postgresql).insert
+        # rowcount is not reliable for ON CONFLICT with every driver: RETURNING says which went in.
+        self._insert_new_jobs = self._insert(jobs).on_conflict_do_nothing(index_elements=["id"]).returning(jobs.c.id)
         self._current: ContextVar[Optional[Connection]] = ContextVar(f"store-{id(self)}", default=None)
         #: Commits the writes of this process's worker threads together (see `engine.writer`).
         self.writer = GroupCommit(self.connect_for_writes)
 
     # -- connections -------------------------------------------------------------------------
+
+    def in_transaction(self) -> bool:
+        """Whether this thread is inside `transaction`, whose writes join it."""
+        return self._current.get() is not None
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
@@ -312,36 +358,49 @@ class Store:
     # -- enqueue -------------------------------------------------------------------------------
 
     def record_enqueue(self, row: dict[str, Any], *, delayed: bool) -> None:
-        """Create the job row of a message being enqueued, or move an existing one.
+        """Create the job row of a message being enqueued, or move an existing one, in the
+        current transaction or a new one (see `record_enqueues`).
+
+        Raises:
+          DuplicateJob: another job holds the row's idempotency key.
+        """
+        with self.transaction() as connection:
+            self.record_enqueues(connection, [EnqueueRecord(row, delayed)])
+
+    def record_enqueues(self, connection: Connection, records: list[EnqueueRecord]) -> list[None]:
+        """Create the job rows of messages being enqueued, or move existing ones, in
+        `connection`'s transaction: one INSERT for the batch.
 
         A message is enqueued again when a retry waits out its backoff, when a delayed message
         becomes due, and when a failed job is retried by hand: the row then moves to `scheduled`
         or `queued` if its current state allows it.
 
         Raises:
-          DuplicateJob: another job holds the row's idempotency key.
+          DuplicateJob: another job holds the idempotency key of the batch's one row.
+          IntegrityError: the same, in a batch of several (the writer then tries each alone).
         """
-        now = row["created_at"]
-        state = JobState.SCHEDULED if delayed else JobState.QUEUED
-        with self.transaction() as connection:
-            statement = (
-                self._insert(jobs)
-                .values(**row, state=state, attempts=0, updated_at=now)
-                .on_conflict_do_nothing(index_elements=["id"])
-                .returning(jobs.c.id)  # rowcount is not reliable for ON CONFLICT with every driver
-            )
-            try:
-                inserted = connection.execute(statement).first()
-            except IntegrityError:
-                raise DuplicateJob(row["idempotency_key"]) from None
-            if inserted is None:
+        rows = [{**record.row, "state": record.state} for record in records]
+        try:
+            if self.engine.dialect.name == "postgresql":
+                columns = {f"new_{name}": [row[name] for row in rows] for name in _NEW_JOB_COLUMNS}
+                inserted = set(connection.execute(_RECORD_ENQUEUES_PG, columns).scalars())
+            else:
+                values = [{**row, "attempts": 0, "updated_at": row["created_at"]} for row in rows]
+                inserted = set(connection.execute(self._insert_new_jobs, values).scalars())
+        except IntegrityError:
+            if len(records) > 1:
+                raise
+            raise DuplicateJob(records[0].row["idempotency_key"]) from None
+        for record in records:
+            if record.row["id"] not in inserted:
                 self._transition(
                     connection,
-                    row["id"],
-                    state,
-                    from_states=REENQUEUE_TRANSITIONS[state],
-                    scheduled_for=row["scheduled_for"],
+                    record.row["id"],
+                    record.state,
+                    from_states=REENQUEUE_TRANSITIONS[record.state],
+                    scheduled_for=record.row["scheduled_for"],
                 )
+        return [None] * len(records)
 
     def find_by_idempotency_key(self, key: str) -> Optional[Job]:
         with self.reading() as connection:
@@ -385,6 +444,23 @@ class Store:
                 )
             )
         return deleted.rowcount == 1
+
+    def fail_unsent(self, job_id: str, reason: str) -> bool:
+        """Fail a job whose message the broker never took, long after it was sent (see
+        `forget_unsent` for a sender still waiting): it is not left `queued` for a message
+        that does not exist, and `engine retry` sends it again.
+
+        Returns:
+          bool: True if the job was waiting for that message (`queued` or `scheduled`, never
+          started), and is now `failed`.
+        """
+        with self.transaction() as connection:
+            failed = connection.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.state.in_([JobState.QUEUED, JobState.SCHEDULED]), jobs.c.attempts == 0)
+                .values(state=JobState.FAILED, last_error=reason, finished_at=time.time(), updated_at=time.time())
+            )
+        return failed.rowcount == 1
 
     # -- attempts ------------------------------------------------------------------------------
 

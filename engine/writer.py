@@ -18,8 +18,7 @@ import os
 import queue
 import threading
 import time
-from concurrent.futures import Future, wait
-from typing import Any, Callable, NamedTuple, Optional, TypeVar
+from typing import Any, Callable, Generic, NamedTuple, Optional, TypeVar
 
 from loguru import logger
 from sqlalchemy import Connection
@@ -41,11 +40,102 @@ OUTAGE_MAX_PAUSE_S = 5.0
 OUTAGE_ERRORS = (OperationalError, InterfaceError)
 
 
+#: This process's id, kept up to date across forks: threads started before a fork are gone in
+#: the child, and comparing with it (unlike calling ``os.getpid()``) costs no system call.
+current_pid = os.getpid()
+
+
+def _forked() -> None:
+    global current_pid
+    current_pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+class Pending(Generic[R]):
+    """The outcome of a write another thread does: `concurrent.futures.Future`'s interface
+    (``result``, ``exception``, ``done``, ``add_done_callback``), on one lock and no condition
+    variable, since a job makes two or three of them.
+
+    Callbacks run on the thread that settles it, or at once if it is settled already.
+    """
+
+    __slots__ = ("_lock", "_settled", "_value", "_error", "_callbacks")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()  # released when settled
+        self._settled = False
+        self._value: Optional[R] = None
+        self._error: Optional[BaseException] = None
+        self._callbacks: list[Callable[[Pending[R]], object]] = []
+
+    def done(self) -> bool:
+        return self._settled
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Wait until it is settled; False if `timeout` seconds passed first."""
+        if not self._settled:
+            if not self._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0)):
+                return False
+            self._lock.release()  # for the other waiters
+        return True
+
+    def result(self, timeout: Optional[float] = None) -> R:
+        """Its value, once settled. Raises: its error; TimeoutError."""
+        if not self.wait(timeout):
+            raise TimeoutError("the write is still pending")
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+    def exception(self) -> Optional[BaseException]:
+        """Its error once settled (None if it succeeded)."""
+        self.wait()
+        return self._error
+
+    def add_done_callback(self, callback: Callable[[Pending[R]], object]) -> None:
+        self._callbacks.append(callback)
+        if self._settled:
+            self._run_callbacks()
+
+    def set_result(self, value: R) -> None:
+        self._settle(value, None)
+
+    def set_exception(self, error: BaseException) -> None:
+        self._settle(None, error)
+
+    def _settle(self, value: Optional[R], error: Optional[BaseException]) -> None:
+        self._value, self._error = value, error
+        self._settled = True
+        self._lock.release()
+        self._run_callbacks()
+
+    def _run_callbacks(self) -> None:
+        # pop: each callback runs once, on whichever thread takes it first.
+        while self._callbacks:
+            try:
+                callback = self._callbacks.pop(0)
+            except IndexError:
+                return
+            try:
+                callback(self)
+            except Exception:
+                logger.exception("A callback of a store write failed.")
+
+
+def wait_all(pending: list[Pending[Any]], timeout: Optional[float] = None) -> bool:
+    """Wait until each is settled; False if `timeout` seconds passed first."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    return all(each.wait(None if deadline is None else deadline - time.monotonic()) for each in pending)
+
+
 class _Write(NamedTuple):
     apply: Apply[Any, Any]
     item: Any
     patient: bool
-    future: Future[Any]
+    future: Pending[Any]
 
 
 class GroupCommit:
@@ -73,19 +163,19 @@ class GroupCommit:
         self._thread: Optional[threading.Thread] = None
         self._pid = 0
         self._lock = threading.Lock()
-        self._pending: set[Future[Any]] = set()
+        self._pending: set[Pending[Any]] = set()
 
     def write(self, apply: Apply[T, R], item: T, *, patient: bool = True) -> R:
         """Commit one item with the next batch and return its result (see `submit`)."""
         return self.submit(apply, item, patient=patient).result()
 
-    def submit(self, apply: Apply[T, R], item: T, *, patient: bool = True) -> Future[R]:
+    def submit(self, apply: Apply[T, R], item: T, *, patient: bool = True) -> Pending[R]:
         """Hand `item` to the writer, to be applied by `apply` with the other items of its kind
         in the next batch. Returns at once; the future is done when the write is committed (its
         callbacks then run on the writer thread), or has failed.
         """
         self._ensure_thread()
-        future: Future[R] = Future()
+        future: Pending[R] = Pending()
         self._pending.add(future)
         future.add_done_callback(self._pending.discard)
         self._writes.put(_Write(apply, item, patient, future))
@@ -93,7 +183,7 @@ class GroupCommit:
 
     def flush(self, timeout: Optional[float] = None) -> None:
         """Wait until every write handed in so far is committed (or has failed)."""
-        wait(list(self._pending), timeout=timeout)
+        wait_all(list(self._pending), timeout=timeout)
 
     def close(self, timeout: Optional[float] = None) -> None:
         """Commit what was handed in, then stop the thread (a later write starts a new one).
@@ -110,11 +200,11 @@ class GroupCommit:
 
     def _ensure_thread(self) -> None:
         # A forked child inherits the attribute but not the thread: the pid tells.
-        if self._thread is not None and self._pid == os.getpid():
+        if self._thread is not None and self._pid == current_pid:
             return
         with self._lock:
-            if self._thread is None or self._pid != os.getpid():
-                self._pid = os.getpid()
+            if self._thread is None or self._pid != current_pid:
+                self._pid = current_pid
                 self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
                 self._thread.start()
 

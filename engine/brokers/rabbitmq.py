@@ -21,12 +21,14 @@
 
 from __future__ import annotations
 
+import atexit
 import copy
+import queue
 import threading
 import time
-from concurrent.futures import Future, wait
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, TypeVar, Union
+from contextvars import ContextVar
+from typing import Any, Callable, Iterator, NamedTuple, Optional, TypeVar, Union
 
 import pika
 import pika.exceptions
@@ -36,11 +38,14 @@ from dramatiq.common import current_millis, dq_name, q_name, xq_name
 from dramatiq.errors import ConnectionClosed, QueueJoinTimeout
 from dramatiq.message import Message
 from dramatiq.middleware import Middleware
+from dramatiq.worker import ConsumerThread, WorkerThread
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
-from ..errors import BrokerUnavailable
-from ..middleware.tracking import Tracking, when_recorded
+from ..errors import BrokerUnavailable, JobsNotSent
+from ..middleware.tracking import Tracking, rows_in_flight, when_recorded
 from ..store import Store
+from .. import writer
+from ..writer import Pending, wait_all
 
 #: Delays longer than this (milliseconds) wait in the hold queue by default. It must stay below
 #: RabbitMQ's ``consumer_timeout`` (30 minutes unless configured), as a message due within it
@@ -62,6 +67,27 @@ RETRY_DELAY = 0.25
 #: How often (milliseconds) a worker looks for delayed messages that have fallen due: they
 #: start at most this late (Dramatiq looks once per worker timeout, a second).
 DELAY_TICK_MS = 100
+
+#: Jobs sent without waiting (see `_Sender`): how many may wait to be sent, how many go in one
+#: AMQP transaction, and how long (seconds) a batch keeps being tried while RabbitMQ is down.
+SEND_BEHIND_CAPACITY = 10_000
+SEND_BEHIND_BATCH = 500
+DEFAULT_SEND_BEHIND_TIMEOUT = 30.0
+
+#: While true, `RabbitmqBroker.enqueue` sends at once and raises in the caller (`sending_now`).
+_send_now: ContextVar[bool] = ContextVar("send_now", default=False)
+
+
+@contextmanager
+def sending_now() -> Iterator[None]:
+    """Sends made inside are sent at once, and fail there: `engine.submit` and `engine.retry`
+    return a job that RabbitMQ has, or raise."""
+    token = _send_now.set(True)
+    try:
+        yield
+    finally:
+        _send_now.reset(token)
+
 
 #: How long (seconds) a closing consumer waits for the store to record the ends of the jobs
 #: it has yet to ack; a message it could not ack is delivered again, and its job, recorded
@@ -117,6 +143,8 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
         RabbitMQ's ``consumer_timeout``; the hold queues are declared with it as their TTL,
         which RabbitMQ will not change on an existing queue (see README, "RabbitMQ").
       pool_size(int): how many connections sending threads share.
+      send_behind_timeout(float): how long (seconds) jobs sent without waiting keep being
+        tried while RabbitMQ cannot be reached, before they are failed (see `enqueue`).
       confirm_delivery(bool): wait for RabbitMQ to confirm each message has been taken.
       parameters(list[dict]), **kwargs: pika connection parameters instead of a URL.
 
@@ -133,6 +161,7 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
         quorum_queues: bool = False,
         delay_hold_ms: int = DEFAULT_DELAY_HOLD_MS,
         pool_size: int = DEFAULT_POOL_SIZE,
+        send_behind_timeout: float = DEFAULT_SEND_BEHIND_TIMEOUT,
         confirm_delivery: bool = True,
         parameters: Optional[list[dict[str, Any]]] = None,
         **kwargs: Any,
@@ -154,7 +183,9 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
             _default(each, "stack_timeout", STACK_TIMEOUT)
         self.quorum_queues = quorum_queues
         self.delay_hold_ms = delay_hold_ms
+        self.send_behind_timeout = send_behind_timeout
         self.pool = _ChannelPool(_for_senders(self.parameters), pool_size, confirm_delivery=confirm_delivery)
+        self.sender = _Sender(self)
         self._depths_lock = threading.Lock()
         self._depths_connection: Optional[BlockingConnection] = None
         self._depths_channel: Optional[BlockingChannel] = None
@@ -182,8 +213,10 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
         return ", ".join(f"{each.host}:{each.port}/{each.virtual_host}" for each in _as_list(self.parameters))
 
     def close(self) -> None:
-        """Close the pooled connections (lent ones when they are given back) and the one of
-        `queue_depths`. The broker opens new ones if it is used again."""
+        """Send the jobs waiting to be sent, then close the sender's connection, the pooled
+        ones (lent ones when they are given back) and the one of `queue_depths`. The broker
+        opens new ones if it is used again."""
+        self.sender.close(timeout=self.send_behind_timeout + 1)
         self.pool.close()
         with self._depths_lock:
             self._close_depths_connection()
@@ -196,6 +229,12 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
 
         A message delayed by up to `delay_hold_ms` goes to the delay queue, as with Dramatiq; a
         longer delay, to the hold queue. ``before_enqueue`` hooks run once, before the publish.
+
+        A new job sent from outside a worker's threads (a web app, a script) is sent without
+        waiting: this returns once the job is handed to the sender thread (see `_Sender`), and
+        `wait_sent` (``engine.flush``) waits for it. Workers' sends (retries, delayed messages
+        falling due, jobs sent by jobs), jobs with an idempotency key, and sends made inside
+        `sending_now` are sent at once, and raise here.
 
         Raises:
           BrokerUnavailable: RabbitMQ did not take the first message of a job; its row, which
@@ -212,6 +251,15 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
         recorded_since = time.time()
         self.declare_queue(canonical_name)
         self.logger.debug("Enqueueing message %r on queue %r.", message.message_id, routing_key)
+        if self._sends_behind(message):
+            in_flight: list[Pending[None]] = []
+            token = rows_in_flight.set(in_flight)
+            try:
+                self.emit_before("enqueue", message, delay)
+            finally:
+                rows_in_flight.reset(token)
+            self.sender.send(routing_key, message, delay, in_flight)
+            return message
         self.emit_before("enqueue", message, delay)
         try:
             self._publish(routing_key, message)
@@ -221,6 +269,31 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
             raise
         self.emit_after("enqueue", message, delay)
         return message
+
+    def wait_sent(self, timeout: Optional[float] = None) -> None:
+        """Wait until every job sent without waiting so far is in RabbitMQ (``engine.flush``).
+
+        Raises:
+          JobsNotSent: RabbitMQ did not take some of them (each is `failed`; each failure is
+            raised once).
+          TimeoutError: some are still being sent after `timeout` seconds.
+        """
+        self.sender.wait(timeout=timeout)
+
+    def settle_sends(self, message_id: Optional[str] = None) -> None:
+        """Wait until the job (or every job) being sent without waiting is in RabbitMQ or
+        failed: what reads do first, so that a process reads its own sends. Raises nothing."""
+        self.sender.wait(message_id, report=False)
+
+    def _sends_behind(self, message: Message) -> bool:
+        # In a worker's threads a send must be done before the message being processed (or the
+        # delayed one falling due) is acked; a job with an idempotency key must learn of a
+        # duplicate; `sending_now` asks for the error here.
+        return not (
+            _send_now.get()
+            or message.options.get("idempotency_key")
+            or isinstance(threading.current_thread(), (WorkerThread, ConsumerThread))
+        )
 
     def hold(self, message: Message) -> None:
         """Send a delayed message to its hold queue, to come back to its delay queue after
@@ -232,7 +305,7 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
         self._publish(hq_name(message.queue_name), message)
 
     def _publish(self, routing_key: str, message: Message) -> None:
-        properties = pika.BasicProperties(delivery_mode=2, priority=message.options.get("broker_priority"))
+        properties = _properties(message)
         body = message.encode()
         self._on_a_channel(
             q_name(message.queue_name),
@@ -445,7 +518,7 @@ class _HoldingConsumer(_RabbitmqConsumer):
 
     def __init__(self, broker: RabbitmqBroker, queue_name: str, prefetch: int, timeout: int) -> None:
         self.delayed = queue_name.endswith(".DQ")
-        self.unsettled: set[Future[None]] = set()
+        self.unsettled: set[Pending[None]] = set()
         super().__init__(broker, queue_name, prefetch, min(timeout, DELAY_TICK_MS) if self.delayed else timeout)
 
     def __next__(self) -> Any:
@@ -486,11 +559,217 @@ class _HoldingConsumer(_RabbitmqConsumer):
         recorded are settled. Dramatiq's leaves the connection open when the channel is closed
         already, which is how RabbitMQ cuts off a consumer (e.g. on ``consumer_timeout``): each
         restart of the consumer would leak a connection."""
-        wait(list(self.unsettled), timeout=SETTLE_TIMEOUT)
+        wait_all(list(self.unsettled), timeout=SETTLE_TIMEOUT)
         try:
             super().close()
         finally:
             _close_quietly(self.connection)
+
+
+class _Outgoing(NamedTuple):
+    """A message sent without waiting, on its way to RabbitMQ."""
+
+    routing_key: str
+    message: Message
+    delay: Optional[int]
+    recorded: list[Pending[None]]  # the writes of its job's row
+    sent: Pending[None]
+
+
+class _Sender:
+    """Sends the messages `RabbitmqBroker.enqueue` takes without waiting, from a thread of its
+    own, in batches: on a connection of its own, each batch in one AMQP transaction, whose
+    commit RabbitMQ answers once it has taken every message of it (persisted, as a publisher
+    confirm would say). A message goes out only once its job's row is committed (the store's
+    writer batches those too), so no worker receives a job the store does not know.
+
+    A RabbitMQ that cannot be reached is tried again, with growing pauses, for
+    `send_behind_timeout` seconds; the jobs of a batch still not sent then are `failed`, with
+    the reason as their last error (``engine retry`` sends them again), and `wait` raises
+    `JobsNotSent`. At most `SEND_BEHIND_CAPACITY` messages wait: a send beyond that blocks.
+    """
+
+    def __init__(self, broker: "RabbitmqBroker") -> None:
+        self.broker = broker
+        self.waiting: queue.Queue[Optional[_Outgoing]] = queue.Queue(maxsize=SEND_BEHIND_CAPACITY)
+        self.unsent: dict[str, Pending[None]] = {}
+        self.errors: list[Exception] = []  # of sends that failed, for `wait` to report
+        self._thread: Optional[threading.Thread] = None
+        self._pid = 0
+        self._lock = threading.Lock()
+        self._connection: Optional[BlockingConnection] = None
+        self._channel: Optional[BlockingChannel] = None
+        self._returned: set[str] = set()
+
+    def send(self, routing_key: str, message: Message, delay: Optional[int], recorded: list[Pending[None]]) -> None:
+        """Queue a message whose row is being written; blocks while the queue is full."""
+        sent: Pending[None] = Pending()
+        self.unsent[message.message_id] = sent
+        sent.add_done_callback(lambda _: self.unsent.pop(message.message_id, None))
+        self._ensure_thread()
+        self.waiting.put(_Outgoing(routing_key, message, delay, recorded, sent))
+
+    def wait(self, message_id: Optional[str] = None, timeout: Optional[float] = None, *, report: bool = True) -> None:
+        """Wait until the message (or every message sent so far) is in RabbitMQ, or failed.
+
+        Raises (when `report` is true):
+          JobsNotSent, TrackingError: the message could not be sent; without a `message_id`,
+            some message since the last call could not (each failure is raised once).
+          TimeoutError: still not sent after `timeout` seconds.
+        """
+        if message_id is None:
+            pending = list(self.unsent.values())
+        else:
+            future = self.unsent.get(message_id)
+            pending = [future] if future is not None else []
+        all_done = wait_all(pending, timeout=timeout)
+        if not report:
+            return
+        if not all_done:
+            raise TimeoutError(f"jobs are still being sent to RabbitMQ at {self.broker.address} after {timeout} s")
+        if message_id is not None:
+            for future in pending:
+                future.result()  # raises its error
+            return
+        errors, self.errors = self.errors, []
+        if errors:
+            raise errors[0]
+
+    def close(self, timeout: float) -> None:
+        """Send what is waiting (for `timeout` seconds at most), then stop the thread."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self.waiting.put(None)
+            thread.join(timeout)
+
+    def _ensure_thread(self) -> None:
+        # A forked child inherits the attribute but not the thread: the pid tells.
+        if self._thread is not None and self._pid == writer.current_pid:
+            return
+        with self._lock:
+            if self._thread is None or self._pid != writer.current_pid:
+                if not self._pid:
+                    atexit.register(self._flush_at_exit)
+                self._pid = writer.current_pid
+                self._connection = self._channel = None
+                self._thread = threading.Thread(target=self._run, name="rabbitmq-sender", daemon=True)
+                self._thread.start()
+
+    def _flush_at_exit(self) -> None:
+        try:
+            self.wait(timeout=self.broker.send_behind_timeout + 1)
+        except (JobsNotSent, TimeoutError) as error:
+            self.broker.logger.error("Exiting with jobs not sent: %s", error)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                first = self.waiting.get()
+                if first is None:
+                    return
+                batch = [first]
+                while len(batch) < SEND_BEHIND_BATCH:
+                    try:
+                        more = self.waiting.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        self.waiting.put(None)  # for the next get: stop after this batch
+                        break
+                    batch.append(more)
+                self._send(batch)
+        finally:
+            self._disconnect()
+
+    def _send(self, batch: list[_Outgoing]) -> None:
+        ready = [outgoing for outgoing in batch if self._recorded(outgoing)]
+        give_up_at = time.monotonic() + self.broker.send_behind_timeout
+        pause = RETRY_DELAY
+        while ready:
+            try:
+                returned = self._publish(ready)
+            except _AMQP_ERRORS as error:
+                self._disconnect()
+                if time.monotonic() + pause > give_up_at:
+                    self._give_up(ready, repr(error))
+                    return
+                self.broker.logger.warning("RabbitMQ failed (%r); sending %d jobs again in %.2f s.", error, len(ready), pause)
+                time.sleep(pause)
+                pause = min(2 * pause, 1.0)
+                continue
+            for outgoing in ready:
+                if outgoing.message.message_id not in returned:
+                    outgoing.sent.set_result(None)
+                    self.broker.emit_after("enqueue", outgoing.message, outgoing.delay)
+            # Messages no queue took: their queue was deleted, and is declared again first.
+            ready = [outgoing for outgoing in ready if outgoing.message.message_id in returned]
+
+    def _recorded(self, outgoing: _Outgoing) -> bool:
+        """Wait for the job's row; False (the send failed) if it could not be written."""
+        wait_all(outgoing.recorded)
+        errors = [future.exception() for future in outgoing.recorded if future.exception() is not None]
+        if errors:
+            self.broker.logger.error("Job %s is not sent: its row could not be written: %r", outgoing.message.message_id, errors[0])
+            self.errors.append(errors[0])  # type: ignore[arg-type]
+            outgoing.sent.set_exception(errors[0])  # type: ignore[arg-type]
+        return not errors
+
+    def _publish(self, batch: list[_Outgoing]) -> set[str]:
+        """Publish the batch in one transaction; the ids of the messages RabbitMQ returned."""
+        channel = self._open_channel()
+        for outgoing in batch:
+            canonical_name = q_name(outgoing.message.queue_name)
+            if canonical_name in self.broker.queues_pending:
+                self.broker._declare_queues(channel, canonical_name)
+                self.broker.queues_pending.discard(canonical_name)
+            channel.basic_publish(
+                exchange="",
+                routing_key=outgoing.routing_key,
+                body=outgoing.message.encode(),
+                properties=_properties(outgoing.message),
+                mandatory=True,
+            )
+        channel.tx_commit()
+        assert self._connection is not None
+        self._connection.process_data_events(time_limit=0)  # the returns, if any
+        returned, self._returned = self._returned, set()
+        return returned
+
+    def _open_channel(self) -> BlockingChannel:
+        if self._channel is not None and self._channel.is_open:
+            return self._channel
+        if self._connection is None or not self._connection.is_open:
+            self._connection = pika.BlockingConnection(parameters=_for_senders(self.broker.parameters))
+        channel = self._connection.channel()
+        channel.tx_select()
+        channel.add_on_return_callback(self._on_return)
+        self._channel = channel
+        return channel
+
+    def _on_return(self, _channel: Any, _method: Any, _properties: Any, body: bytes) -> None:
+        message = Message.decode(body)
+        self.broker.queues_pending.add(q_name(message.queue_name))
+        self._returned.add(message.message_id)
+
+    def _give_up(self, batch: list[_Outgoing], reason: str) -> None:
+        job_ids = [outgoing.message.message_id for outgoing in batch]
+        error = JobsNotSent(self.broker.address, job_ids, reason)
+        self.broker.logger.error("%s", error)
+        store = self.broker._store()
+        for outgoing in batch:
+            if store is not None:
+                try:
+                    store.fail_unsent(outgoing.message.message_id, f"not sent: {error}")
+                except Exception:
+                    self.broker.logger.exception("Failed to fail job %s, whose message was not sent.", outgoing.message.message_id)
+            outgoing.sent.set_exception(error)
+        self.errors.append(error)
+
+    def _disconnect(self) -> None:
+        if self._connection is not None:
+            _close_quietly(self._connection)
+        self._connection = self._channel = None
 
 
 class _ChannelPool:
@@ -591,6 +870,10 @@ class _ChannelPool:
         with self.available:
             self.opened -= 1
             self.available.notify()
+
+
+def _properties(message: Message) -> pika.BasicProperties:
+    return pika.BasicProperties(delivery_mode=2, priority=message.options.get("broker_priority"))
 
 
 def _alive(connection: BlockingConnection) -> bool:

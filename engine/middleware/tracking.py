@@ -27,7 +27,6 @@ import time
 import traceback
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from concurrent.futures import Future
 from typing import Any, Callable, Optional
 
 from dramatiq import Broker, Message, Middleware, Worker
@@ -39,7 +38,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import ArgumentsNotSerializable, JobCanceled, ResultNotSerializable, ResultTooLarge, TrackingError
 from ..job import JobState, Outcome
-from ..store import AttemptEnd, StartRequest, Store
+from ..store import AttemptEnd, EnqueueRecord, StartRequest, Store
+from ..writer import Pending
 from .heartbeat import Heartbeat
 
 #: Marks a message sent only to look at a running job again later: it records no new job.
@@ -76,6 +76,11 @@ class RunningAttempt:
         else:
             self.pending_progress = (percent, message)
 
+
+#: Set by a broker around ``before_enqueue`` when it sends the message later, from a thread of
+#: its own: Tracking then appends the pending write of the job's row here instead of waiting
+#: for it, and the broker sends the message once that write is committed.
+rows_in_flight: ContextVar[Optional[list[Pending[None]]]] = ContextVar("rows_in_flight", default=None)
 
 #: The attempt the current worker thread runs, or None outside an actor.
 current_attempt: ContextVar[Optional[RunningAttempt]] = ContextVar("current_attempt", default=None)
@@ -140,8 +145,25 @@ class Tracking(Middleware):
             "created_at": now,
             "scheduled_for": now + delay / 1000 if delay else None,
         }
+        if self.store.in_transaction():
+            # The embedded broker's enqueue: the row is committed with the message, or neither is.
+            self._record_now(lambda: self.store.record_enqueue(row, delayed=bool(delay)), message)
+            return
+        in_flight = rows_in_flight.get()
+        # Committed with the rows of the process's other sends; a row its sender does not wait
+        # for waits out a database outage instead of failing.
+        recorded = self.store.writer.submit(
+            self.store.record_enqueues, EnqueueRecord(row, bool(delay)), patient=in_flight is not None
+        )
+        if in_flight is not None:
+            in_flight.append(recorded)  # the broker sends the message once its row is committed
+        else:
+            self._record_now(recorded.result, message)
+
+    @staticmethod
+    def _record_now(write: Callable[[], object], message: Message) -> None:
         try:
-            self.store.record_enqueue(row, delayed=bool(delay))
+            write()
         except SQLAlchemyError as error:
             raise TrackingError(f"could not record job {message.message_id} in the store: {error}") from error
 
@@ -241,7 +263,7 @@ class Tracking(Middleware):
 
 
 
-def when_recorded(message: MessageProxy, settle: Callable[[], None]) -> Optional[Future[None]]:
+def when_recorded(message: MessageProxy, settle: Callable[[], None]) -> Optional[Pending[None]]:
     """Run `settle` (the ack or nack of a delivered message) once Tracking has committed how
     its attempt ended: at once if it has, else on the store's writer thread after the commit.
 
@@ -251,7 +273,7 @@ def when_recorded(message: MessageProxy, settle: Callable[[], None]) -> Optional
     Returns:
       the pending record, or None if `settle` ran already.
     """
-    recorded: Optional[Future[None]] = getattr(message, "end_recorded", None)
+    recorded: Optional[Pending[None]] = getattr(message, "end_recorded", None)
     if recorded is None or recorded.done():
         _settle_recorded(message, settle, recorded)
         return None
@@ -259,7 +281,7 @@ def when_recorded(message: MessageProxy, settle: Callable[[], None]) -> Optional
     return recorded
 
 
-def _settle_recorded(message: MessageProxy, settle: Callable[[], None], recorded: Optional[Future[None]]) -> None:
+def _settle_recorded(message: MessageProxy, settle: Callable[[], None], recorded: Optional[Pending[None]]) -> None:
     error = recorded.exception() if recorded is not None else None
     if error is not None:
         # Only a bug gets here (outages are waited out): leaving the message unsettled would

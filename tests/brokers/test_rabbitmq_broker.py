@@ -24,10 +24,10 @@ from dramatiq.errors import ConnectionClosed
 
 import engine
 import engine.broker
-from engine import BrokerUnavailable, JobState
+from engine import BrokerUnavailable, JobsNotSent, JobState
 from engine.broker import build_broker
 from engine.brokers import RabbitmqBroker
-from engine.brokers.rabbitmq import SOCKET_TIMEOUT
+from engine.brokers.rabbitmq import SOCKET_TIMEOUT, sending_now
 from engine.middleware import Tracking
 from engine.settings import Settings
 from engine.store import Store
@@ -41,6 +41,18 @@ HOLD_MS = 1_000
 
 
 # -- fixtures ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def sent_at_once(request) -> Iterator[None]:
+    """These tests look at what reaches RabbitMQ: a send is made at once, in RabbitMQ when it
+    returns. Sending without waiting, the default outside a worker, has tests of its own
+    (marked ``sends_behind``)."""
+    if request.node.get_closest_marker("sends_behind"):
+        yield
+        return
+    with sending_now():
+        yield
 
 
 @pytest.fixture
@@ -315,8 +327,9 @@ def test_many_sending_threads_share_a_bounded_pool_of_connections(brokers, queue
     all_sent = threading.Barrier(41)
 
     def send_and_linger() -> None:
-        for n in range(5):
-            actor.send(n)
+        with sending_now():  # through the pool
+            for n in range(5):
+                actor.send(n)
         all_sent.wait(timeout=30)  # alive while the connections are counted
 
     senders = [threading.Thread(target=send_and_linger) for _ in range(40)]
@@ -335,7 +348,12 @@ def test_a_sender_waits_while_every_pooled_connection_is_lent(brokers, queue, sp
     broker = brokers(pool_size=1)
     actor, _ = recorder(broker, queue)
     actor.send(0)  # declares the queue
-    sender = threading.Thread(target=actor.send, args=(1,))
+
+    def send_at_once() -> None:
+        with sending_now():
+            actor.send(1)
+
+    sender = threading.Thread(target=send_at_once)
 
     with broker.pool.channel():
         sender.start()
@@ -367,8 +385,8 @@ def down_url() -> str:
     return f"amqp://guest:s3cret@127.0.0.1:{free_port()}/prod"
 
 
-def tracked_broker(tmp_path, url: str) -> RabbitmqBroker:
-    settings = Settings(store_url=f"sqlite:///{tmp_path}/engine.db", broker_url=url)
+def tracked_broker(tmp_path, url: str, **settings) -> RabbitmqBroker:
+    settings = Settings(store_url=f"sqlite:///{tmp_path}/engine.db", broker_url=url, **settings)
     return build_broker(settings)  # with the engine's middleware and a migrated store
 
 
@@ -430,6 +448,43 @@ def test_a_job_recorded_before_keeps_its_row_when_its_message_cannot_be_sent(tmp
     # then the error is Dramatiq's, and the job is still there
     assert not isinstance(raised.value, BrokerUnavailable)
     assert store.get(message.message_id).state == JobState.QUEUED
+    broker.close()
+
+
+# -- sending without waiting -------------------------------------------------------------------
+
+
+@pytest.mark.sends_behind
+def test_sends_outside_a_worker_are_recorded_and_in_rabbitmq_once_flushed(tmp_path, amqp_url, queue, spy):
+    broker = tracked_broker(tmp_path, amqp_url)
+    store = store_of(broker)
+    actor = dramatiq.actor(lambda n: None, broker=broker, actor_name="noop", queue_name=queue)
+
+    sent = [actor.send(n).message_id for n in range(300)]
+    broker.wait_sent()
+
+    assert spy(queue) == 300
+    assert {store.get(job_id).state for job_id in sent} == {JobState.QUEUED}
+    broker.close()
+
+
+@pytest.mark.sends_behind
+def test_sends_to_a_rabbitmq_that_stays_down_fail_their_jobs_visibly(tmp_path, down_url):
+    broker = tracked_broker(tmp_path, down_url, send_behind_timeout_s=1.0)
+    store = store_of(broker)
+    actor = dramatiq.actor(lambda: None, broker=broker, actor_name="noop")
+
+    started = time.monotonic()
+    message = actor.send()
+    assert time.monotonic() - started < 0.5  # the send does not wait for RabbitMQ
+
+    with pytest.raises(JobsNotSent) as raised:
+        broker.wait_sent(timeout=10)
+    assert raised.value.job_ids == [message.message_id]
+    assert "127.0.0.1" in str(raised.value) and "s3cret" not in str(raised.value)
+    job = store.get(message.message_id)
+    assert job.state == JobState.FAILED and "not sent" in job.last_error  # `engine retry` sends it again
+    broker.wait_sent()  # each failure is reported once
     broker.close()
 
 

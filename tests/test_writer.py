@@ -1,0 +1,110 @@
+"""Group commit: writes from many threads committed together, in order, each told its own
+outcome; a database outage waited out by patient writes only."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import OperationalError
+
+from engine.writer import GroupCommit, Pending, wait_all
+
+
+@pytest.fixture
+def writer(store):
+    with store.transaction() as connection:
+        connection.execute(text("CREATE TABLE notes (n INTEGER PRIMARY KEY)"))
+    writer = GroupCommit(store.connect_for_writes)
+    yield writer
+    writer.close()
+
+
+class Notes:
+    """A kind of write: inserts its items as rows of `notes`, and remembers each batch."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __call__(self, connection: Connection, items: list[int]) -> list[int]:
+        self.batches.append(items)
+        for n in items:
+            connection.execute(text("INSERT INTO notes (n) VALUES (:n)"), {"n": n})
+        return [n * 10 for n in items]
+
+
+def notes(store) -> list[int]:
+    with store.reading() as connection:
+        return list(connection.execute(text("SELECT n FROM notes ORDER BY n")).scalars())
+
+
+def test_writes_of_many_threads_share_transactions_and_each_gets_its_result(store, writer):
+    apply = Notes()
+    results: dict[int, int] = {}
+
+    def write(n: int) -> None:
+        results[n] = writer.write(apply, n)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(200)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert results == {n: n * 10 for n in range(200)}
+    assert notes(store) == list(range(200))
+    assert len(apply.batches) < 200  # some were committed together
+    assert max(len(batch) for batch in apply.batches) > 1
+
+
+def test_writes_are_committed_in_the_order_they_were_handed_in(store, writer):
+    apply = Notes()
+
+    pending = [writer.submit(apply, n) for n in range(50)]
+    writer.flush()
+
+    assert all(each.done() for each in pending)
+    assert [n for batch in apply.batches for n in batch] == list(range(50))
+
+
+def test_a_failing_write_fails_alone_and_its_batch_is_committed_without_it(store, writer):
+    apply = Notes()
+    pending = [writer.submit(apply, n) for n in (1, 2, 2, 3)]  # the second 2 breaks the primary key
+
+    writer.flush()
+
+    outcomes = [each.exception() for each in pending]
+    assert [error is None for error in outcomes] == [True, True, False, True]
+    assert notes(store) == [1, 2, 3]
+
+
+def test_a_patient_write_waits_out_an_outage_and_an_impatient_one_fails(store, writer, monkeypatch):
+    monkeypatch.setattr("engine.writer.OUTAGE_MAX_PAUSE_S", 0.05)
+    down = {"left": 3}
+
+    def flaky(connection: Connection, items: list[str]) -> list[str]:
+        if down["left"]:
+            down["left"] -= 1
+            raise OperationalError("INSERT", {}, Exception("the database is down"))
+        return items
+
+    impatient = writer.submit(flaky, "now", patient=False)
+    patient = writer.submit(flaky, "whenever")
+
+    assert patient.result(timeout=5) == "whenever"
+    assert isinstance(impatient.exception(), OperationalError)
+
+
+def test_a_pending_write_runs_its_callbacks_once_whenever_they_are_added():
+    pending: Pending[int] = Pending()
+    calls: list[int] = []
+    pending.add_done_callback(lambda done: calls.append(done.result()))
+
+    pending.set_result(7)
+    pending.add_done_callback(lambda done: calls.append(done.result() + 1))
+
+    assert calls == [7, 8]
+    assert wait_all([pending], timeout=0)
+    with pytest.raises(TimeoutError):
+        Pending().result(timeout=0.01)
