@@ -243,7 +243,9 @@ def _may_end_sql() -> str:
 #: The writer's batch on PostgreSQL in one statement: the queued jobs of the starts moved to
 #: `running` with their attempt rows (as `Store.start_attempts` does), and the ends (as
 #: `Store.finish_attempts` does). Returns the jobs started; the starts of jobs that were not
-#: queued are looked at after it, one by one.
+#: queued are looked at after it, one by one. The ``= ANY(ids)`` conditions repeat the joins
+#: for the planner: psycopg prepares the statement, and PostgreSQL's generic plan, which takes
+#: each unnest for 100 rows, would otherwise scan a small jobs table whole.
 _RECORD_ATTEMPTS_PG = text(
     f"""
 WITH s AS (
@@ -253,7 +255,8 @@ WITH s AS (
   ) AS s(job_id, host, pid, worker_id)
 ), started AS (
   UPDATE jobs SET state = 'running', attempts = jobs.attempts + 1, started_at = :now, updated_at = :now
-  FROM s WHERE jobs.id = s.job_id AND jobs.state IN ('queued', 'scheduled')
+  FROM s WHERE jobs.id = s.job_id AND jobs.id = ANY(CAST(:startrequest_job_id AS text[]))
+    AND jobs.state IN ('queued', 'scheduled')
   RETURNING jobs.id, jobs.attempts, jobs.cancel_requested_at, s.host, s.pid, s.worker_id
 ), opened AS (
   INSERT INTO attempts (job_id, number, worker_host, worker_pid, worker_id, started_at)
@@ -276,12 +279,13 @@ WITH s AS (
     last_error = coalesce(e.last_error, jobs.last_error),
     progress_percent = coalesce(e.progress_percent, jobs.progress_percent),
     progress_message = coalesce(e.progress_message, jobs.progress_message)
-  FROM e WHERE jobs.id = e.job_id AND ({_may_end_sql()})
+  FROM e WHERE jobs.id = e.job_id AND jobs.id = ANY(CAST(:attemptend_job_id AS text[])) AND ({_may_end_sql()})
 ), closed AS (
   UPDATE attempts SET
     finished_at = :now, duration_ms = (:now - attempts.started_at) * 1000, outcome = e.outcome,
     error_type = e.error_type, error_message = e.error_message, traceback = e.traceback
-  FROM e WHERE attempts.job_id = e.job_id AND attempts.number = e.number
+  FROM e WHERE attempts.job_id = e.job_id AND attempts.job_id = ANY(CAST(:attemptend_job_id AS text[]))
+    AND attempts.number = e.number
 )
 SELECT id, attempts, cancel_requested_at FROM started
 """
