@@ -587,23 +587,11 @@ class Store:
         self._close_open_attempts(connection, request.job_id, Outcome.ABANDONED, now)
         return AttemptStart(number, cancel_requested=found.cancel_requested_at is not None)
 
-    def finish_attempt(
-        self,
-        job_id: str,
-        number: int,
-        outcome: Outcome,
-        *,
-        state: Optional[JobState] = None,
-        result: Optional[str] = None,
-        error: Optional[BaseException] = None,
-        traceback: Optional[str] = None,
-        progress: Optional[tuple[float, Optional[str]]] = None,
-    ) -> None:
-        """Close attempt `number` with its outcome and, when `state` is given, end the job there
-        (see `finish_attempts`)."""
-        end = AttemptEnd.of(job_id, number, outcome, state=state, result=result, error=error, traceback=traceback, progress=progress)
+    def finish_attempt(self, job_id: str, number: int, outcome: Outcome, **fields: Any) -> None:
+        """Close attempt `number` with its outcome and, when a `state` is given, end the job
+        there, in a transaction of its own (see `finish_attempts`; `fields` as `AttemptEnd.of`)."""
         with self.transaction() as connection:
-            self.finish_attempts(connection, [end])
+            self.finish_attempts(connection, [AttemptEnd.of(job_id, number, outcome, **fields)])
 
     def finish_attempts(self, connection: Connection, ends: list[AttemptEnd]) -> list[None]:
         """Close attempts with their outcomes, in `connection`'s transaction, one executemany

@@ -18,7 +18,7 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Callable, Generic, NamedTuple, Optional, TypeVar
+from typing import Any, Callable, Generic, NamedTuple, Optional, Protocol, TypeVar
 
 from loguru import logger
 from sqlalchemy import Connection
@@ -131,6 +131,82 @@ def wait_all(pending: list[Pending[Any]], timeout: Optional[float] = None) -> bo
     return all(each.wait(None if deadline is None else deadline - time.monotonic()) for each in pending)
 
 
+class BatchHandler(Protocol[T]):
+    """What a `BatchThread` runs, with the state of its thread (a connection, say)."""
+
+    def __call__(self, batch: list[T]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class BatchThread(Generic[T]):
+    """A thread of its own that takes the items handed to it in batches: each batch is every
+    item waiting when the last one was done, up to `max_batch`. It starts on first use (again
+    in a forked child, which has no thread), and `close` lets it finish what it was handed.
+
+    Parameters:
+      name(str): the thread's name.
+      handler: makes, in the new thread, what handles its batches (and is closed when it stops).
+      max_batch(int): the most items in one batch.
+      capacity(int): the most items waiting; `put` blocks while that many are (0: no bound).
+    """
+
+    def __init__(self, name: str, handler: Callable[[], BatchHandler[T]], *, max_batch: int, capacity: int = 0) -> None:
+        self.name = name
+        self.handler = handler
+        self.max_batch = max_batch
+        self._items: queue.Queue[Optional[T]] = queue.Queue(maxsize=capacity)
+        self._thread: Optional[threading.Thread] = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def put(self, item: T) -> None:
+        self._ensure_thread()
+        self._items.put(item)
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Handle what was handed in, then stop the thread (a later `put` starts a new one).
+
+        Parameters:
+          timeout(float): seconds to wait at most; what is left is lost with the process.
+        """
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._items.put(None)
+            thread.join(timeout)
+
+    def _ensure_thread(self) -> None:
+        if self._thread is not None and self._pid == current_pid:
+            return
+        with self._lock:
+            if self._thread is None or self._pid != current_pid:
+                self._pid = current_pid
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        handle = self.handler()
+        try:
+            while True:
+                first = self._items.get()
+                if first is None:
+                    return
+                batch = [first]
+                while len(batch) < self.max_batch:
+                    try:
+                        more = self._items.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        self._items.put(None)  # for the next get: stop after this batch
+                        break
+                    batch.append(more)
+                handle(batch)
+        finally:
+            handle.close()
+
+
 class _Write(NamedTuple):
     apply: Apply[Any, Any]
     item: Any
@@ -158,12 +234,7 @@ class GroupCommit:
     """
 
     def __init__(self, connect: Callable[[], Connection]) -> None:
-        self.connect = connect
-        self._writes: queue.SimpleQueue[Optional[_Write]] = queue.SimpleQueue()
-        self._thread: Optional[threading.Thread] = None
-        self._pid = 0
-        self._lock = threading.Lock()
-        self._pending: set[Pending[Any]] = set()
+        self._thread: BatchThread[_Write] = BatchThread("store-writer", lambda: _Writer(connect), max_batch=MAX_BATCH)
 
     def write(self, apply: Apply[T, R], item: T, *, patient: bool = True) -> R:
         """Commit one item with the next batch and return its result (see `submit`)."""
@@ -174,16 +245,14 @@ class GroupCommit:
         in the next batch. Returns at once; the future is done when the write is committed (its
         callbacks then run on the writer thread), or has failed.
         """
-        self._ensure_thread()
         future: Pending[R] = Pending()
-        self._pending.add(future)
-        future.add_done_callback(self._pending.discard)
-        self._writes.put(_Write(apply, item, patient, future))
+        self._thread.put(_Write(apply, item, patient, future))
         return future
 
-    def flush(self, timeout: Optional[float] = None) -> None:
-        """Wait until every write handed in so far is committed (or has failed)."""
-        wait_all(list(self._pending), timeout=timeout)
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every write handed in so far is committed (or has failed): batches are
+        committed in order, so until a write handed in now is. False if `timeout` ran out."""
+        return self.submit(_nothing, None).wait(timeout)
 
     def close(self, timeout: Optional[float] = None) -> None:
         """Commit what was handed in, then stop the thread (a later write starts a new one).
@@ -192,50 +261,21 @@ class GroupCommit:
           timeout(float): seconds to wait at most, for a database that is down; the writes
             left are then lost with the process, and their messages delivered again.
         """
-        with self._lock:
-            thread, self._thread = self._thread, None
-        if thread is not None:
-            self._writes.put(None)
-            thread.join(timeout)
-
-    def _ensure_thread(self) -> None:
-        # A forked child inherits the attribute but not the thread: the pid tells.
-        if self._thread is not None and self._pid == current_pid:
-            return
-        with self._lock:
-            if self._thread is None or self._pid != current_pid:
-                self._pid = current_pid
-                self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
-                self._thread.start()
-
-    def _run(self) -> None:
-        writer = _Writer(self.connect)
-        try:
-            while True:
-                first = self._writes.get()
-                if first is None:
-                    return
-                batch = [first]
-                while len(batch) < MAX_BATCH:
-                    try:
-                        more = self._writes.get_nowait()
-                    except queue.Empty:
-                        break
-                    if more is None:
-                        self._writes.put(None)  # for the next get: stop after this batch
-                        break
-                    batch.append(more)
-                writer.commit(batch)
-        finally:
-            writer.disconnect(broken=False)
+        self._thread.close(timeout)
 
 
 class _Writer:
-    """One writer thread's connection, and how it commits a batch."""
+    """The writer thread's connection, and how it commits a batch."""
 
     def __init__(self, connect: Callable[[], Connection]) -> None:
         self.connect = connect
         self.connection: Optional[Connection] = None
+
+    def __call__(self, batch: list[_Write]) -> None:
+        self.commit(batch)
+
+    def close(self) -> None:
+        self.disconnect(broken=False)
 
     def commit(self, batch: list[_Write]) -> None:
         pause = 0.1
@@ -286,3 +326,7 @@ class _Writer:
         if broken:
             connection.invalidate()  # it must not go back to the pool
         connection.close()
+
+
+def _nothing(connection: Connection, items: list[None]) -> list[None]:
+    return items

@@ -15,6 +15,8 @@
 - Publisher confirms are on, and a job whose first message RabbitMQ did not take is not left
   behind as `queued`: its row is deleted again and `BrokerUnavailable` is raised, within
   seconds, naming the broker.
+- New jobs sent from outside a worker are sent behind the caller's back (`_Sender`): in
+  batches, each one AMQP transaction, after their rows are committed; `wait_sent` waits.
 - `queue_depths`, the same report as the embedded broker's.
 - Quorum queues on request (replicated; RabbitMQ 3.10 gives them no priorities).
 """
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import atexit
 import copy
-import queue
 import threading
 import time
 from contextlib import contextmanager
@@ -44,8 +45,7 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 from ..errors import BrokerUnavailable, JobsNotSent
 from ..middleware.tracking import Tracking, rows_in_flight, when_recorded
 from ..store import Store
-from .. import writer
-from ..writer import Pending, wait_all
+from ..writer import BatchThread, Pending, wait_all
 
 #: Delays longer than this (milliseconds) wait in the hold queue by default. It must stay below
 #: RabbitMQ's ``consumer_timeout`` (30 minutes unless configured), as a message due within it
@@ -571,6 +571,7 @@ class _Outgoing(NamedTuple):
 
     routing_key: str
     message: Message
+    body: bytes  # encoded by the caller, who learns if it cannot be
     delay: Optional[int]
     recorded: list[Pending[None]]  # the writes of its job's row
     sent: Pending[None]
@@ -591,23 +592,22 @@ class _Sender:
 
     def __init__(self, broker: "RabbitmqBroker") -> None:
         self.broker = broker
-        self.waiting: queue.Queue[Optional[_Outgoing]] = queue.Queue(maxsize=SEND_BEHIND_CAPACITY)
         self.unsent: dict[str, Pending[None]] = {}
         self.errors: list[Exception] = []  # of sends that failed, for `wait` to report
-        self._thread: Optional[threading.Thread] = None
-        self._pid = 0
-        self._lock = threading.Lock()
-        self._connection: Optional[BlockingConnection] = None
-        self._channel: Optional[BlockingChannel] = None
-        self._returned: set[str] = set()
+        self._thread: BatchThread[_Outgoing] = BatchThread(
+            "rabbitmq-sender", lambda: _Publisher(self), max_batch=SEND_BEHIND_BATCH, capacity=SEND_BEHIND_CAPACITY
+        )
+        self._flushes_at_exit = False
 
     def send(self, routing_key: str, message: Message, delay: Optional[int], recorded: list[Pending[None]]) -> None:
         """Queue a message whose row is being written; blocks while the queue is full."""
+        if not self._flushes_at_exit:
+            self._flushes_at_exit = True
+            atexit.register(self._flush_at_exit)
         sent: Pending[None] = Pending()
         self.unsent[message.message_id] = sent
         sent.add_done_callback(lambda _: self.unsent.pop(message.message_id, None))
-        self._ensure_thread()
-        self.waiting.put(_Outgoing(routing_key, message, delay, recorded, sent))
+        self._thread.put(_Outgoing(routing_key, message, message.encode(), delay, recorded, sent))
 
     def wait(self, message_id: Optional[str] = None, timeout: Optional[float] = None, *, report: bool = True) -> None:
         """Wait until the message (or every message sent so far) is in RabbitMQ, or failed.
@@ -637,24 +637,7 @@ class _Sender:
 
     def close(self, timeout: float) -> None:
         """Send what is waiting (for `timeout` seconds at most), then stop the thread."""
-        with self._lock:
-            thread, self._thread = self._thread, None
-        if thread is not None:
-            self.waiting.put(None)
-            thread.join(timeout)
-
-    def _ensure_thread(self) -> None:
-        # A forked child inherits the attribute but not the thread: the pid tells.
-        if self._thread is not None and self._pid == writer.current_pid:
-            return
-        with self._lock:
-            if self._thread is None or self._pid != writer.current_pid:
-                if not self._pid:
-                    atexit.register(self._flush_at_exit)
-                self._pid = writer.current_pid
-                self._connection = self._channel = None
-                self._thread = threading.Thread(target=self._run, name="rabbitmq-sender", daemon=True)
-                self._thread.start()
+        self._thread.close(timeout)
 
     def _flush_at_exit(self) -> None:
         try:
@@ -662,25 +645,23 @@ class _Sender:
         except (JobsNotSent, TimeoutError) as error:
             self.broker.logger.error("Exiting with jobs not sent: %s", error)
 
-    def _run(self) -> None:
-        try:
-            while True:
-                first = self.waiting.get()
-                if first is None:
-                    return
-                batch = [first]
-                while len(batch) < SEND_BEHIND_BATCH:
-                    try:
-                        more = self.waiting.get_nowait()
-                    except queue.Empty:
-                        break
-                    if more is None:
-                        self.waiting.put(None)  # for the next get: stop after this batch
-                        break
-                    batch.append(more)
-                self._send(batch)
-        finally:
-            self._disconnect()
+
+
+class _Publisher:
+    """The sender thread's connection to RabbitMQ, and how it sends a batch."""
+
+    def __init__(self, sender: _Sender) -> None:
+        self.sender = sender
+        self.broker = sender.broker
+        self._connection: Optional[BlockingConnection] = None
+        self._channel: Optional[BlockingChannel] = None
+        self._returned: set[str] = set()
+
+    def __call__(self, batch: list[_Outgoing]) -> None:
+        self._send(batch)
+
+    def close(self) -> None:
+        self._disconnect()
 
     def _send(self, batch: list[_Outgoing]) -> None:
         ready = [outgoing for outgoing in batch if self._recorded(outgoing)]
@@ -698,6 +679,11 @@ class _Sender:
                 time.sleep(pause)
                 pause = min(2 * pause, 1.0)
                 continue
+            except Exception as error:  # a bug: fail the batch visibly, keep the thread alive
+                self.broker.logger.exception("Failed to send %d jobs.", len(ready))
+                self._disconnect()
+                self._give_up(ready, repr(error))
+                return
             for outgoing in ready:
                 if outgoing.message.message_id not in returned:
                     outgoing.sent.set_result(None)
@@ -711,7 +697,7 @@ class _Sender:
         errors = [future.exception() for future in outgoing.recorded if future.exception() is not None]
         if errors:
             self.broker.logger.error("Job %s is not sent: its row could not be written: %r", outgoing.message.message_id, errors[0])
-            self.errors.append(errors[0])  # type: ignore[arg-type]
+            self.sender.errors.append(errors[0])  # type: ignore[arg-type]
             outgoing.sent.set_exception(errors[0])  # type: ignore[arg-type]
         return not errors
 
@@ -726,7 +712,7 @@ class _Sender:
             channel.basic_publish(
                 exchange="",
                 routing_key=outgoing.routing_key,
-                body=outgoing.message.encode(),
+                body=outgoing.body,
                 properties=_properties(outgoing.message),
                 mandatory=True,
             )
@@ -764,7 +750,7 @@ class _Sender:
                 except Exception:
                     self.broker.logger.exception("Failed to fail job %s, whose message was not sent.", outgoing.message.message_id)
             outgoing.sent.set_exception(error)
-        self.errors.append(error)
+        self.sender.errors.append(error)
 
     def _disconnect(self) -> None:
         if self._connection is not None:

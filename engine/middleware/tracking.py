@@ -262,7 +262,6 @@ class Tracking(Middleware):
         return encoded
 
 
-
 def when_recorded(message: MessageProxy, settle: Callable[[], None]) -> Optional[Pending[None]]:
     """Run `settle` (the ack or nack of a delivered message) once Tracking has committed how
     its attempt ended: at once if it has, else on the store's writer thread after the commit.
