@@ -45,6 +45,7 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 from ..errors import BrokerUnavailable, JobsNotSent
 from ..middleware.tracking import Tracking, rows_in_flight, when_recorded
 from ..store import Store
+from .. import writer
 from ..writer import BatchThread, Pending, wait_all
 
 #: Delays longer than this (milliseconds) wait in the hold queue by default. It must stay below
@@ -597,13 +598,11 @@ class _Sender:
         self._thread: BatchThread[_Outgoing] = BatchThread(
             "rabbitmq-sender", lambda: _Publisher(self), max_batch=SEND_BEHIND_BATCH, capacity=SEND_BEHIND_CAPACITY
         )
-        self._flushes_at_exit = False
+        self._pid = 0  # of the process whose sends `unsent` holds
 
     def send(self, routing_key: str, message: Message, delay: Optional[int], recorded: list[Pending[None]]) -> None:
         """Queue a message whose row is being written; blocks while the queue is full."""
-        if not self._flushes_at_exit:
-            self._flushes_at_exit = True
-            atexit.register(self._flush_at_exit)
+        self._own_process()
         sent: Pending[None] = Pending()
         self.unsent[message.message_id] = sent
         sent.add_done_callback(lambda _: self.unsent.pop(message.message_id, None))
@@ -617,6 +616,7 @@ class _Sender:
             some message since the last call could not (each failure is raised once).
           TimeoutError: still not sent after `timeout` seconds.
         """
+        self._own_process()
         if message_id is None:
             pending = list(self.unsent.values())
         else:
@@ -639,7 +639,17 @@ class _Sender:
         """Send what is waiting (for `timeout` seconds at most), then stop the thread."""
         self._thread.close(timeout)
 
-    def _flush_at_exit(self) -> None:
+    def _own_process(self) -> None:
+        """Start this process's bookkeeping: a forked child has none of its parent's sends
+        (they leave with the parent's thread), and flushes its own when it exits."""
+        if self._pid != writer.current_pid:
+            self._pid = writer.current_pid
+            self.unsent, self.errors = {}, []
+            atexit.register(self._flush_at_exit, writer.current_pid)
+
+    def _flush_at_exit(self, pid: int) -> None:
+        if pid != writer.current_pid:  # registered by the parent, before a fork
+            return
         try:
             self.wait(timeout=self.broker.send_behind_timeout + 1)
         except (JobsNotSent, TimeoutError) as error:
