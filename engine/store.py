@@ -231,10 +231,15 @@ RETURNING id
 )
 
 
+def _sql_states(states: frozenset[JobState]) -> str:
+    """States as an SQL list, for the compare-and-sets of `_RECORD_ATTEMPTS_PG`."""
+    return ", ".join(f"'{state.value}'" for state in sorted(states))
+
+
 def _may_end_sql() -> str:
     """The compare-and-set of an ending job, `TRANSITIONS` written out for `_RECORD_ATTEMPTS_PG`."""
     moves = [
-        f"(e.state = '{state.value}' AND jobs.state IN ({', '.join(repr(s.value) for s in sorted(TRANSITIONS[state]))}))"
+        f"(e.state = '{state.value}' AND jobs.state IN ({_sql_states(TRANSITIONS[state])}))"
         for state in sorted(FINISHED_STATES)
     ]
     return " OR ".join(["e.state IS NULL", *moves])
@@ -256,7 +261,7 @@ WITH s AS (
 ), started AS (
   UPDATE jobs SET state = 'running', attempts = jobs.attempts + 1, started_at = :now, updated_at = :now
   FROM s WHERE jobs.id = s.job_id AND jobs.id = ANY(CAST(:startrequest_job_id AS text[]))
-    AND jobs.state IN ('queued', 'scheduled')
+    AND jobs.state IN ({_sql_states(TRANSITIONS[JobState.RUNNING])})
   RETURNING jobs.id, jobs.attempts, jobs.cancel_requested_at, s.host, s.pid, s.worker_id
 ), opened AS (
   INSERT INTO attempts (job_id, number, worker_host, worker_pid, worker_id, started_at)
@@ -458,11 +463,12 @@ class Store:
           bool: True if the job was waiting for that message (`queued` or `scheduled`, never
           started), and is now `failed`.
         """
+        now = time.time()
         with self.transaction() as connection:
             failed = connection.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id, jobs.c.state.in_([JobState.QUEUED, JobState.SCHEDULED]), jobs.c.attempts == 0)
-                .values(state=JobState.FAILED, last_error=reason, finished_at=time.time(), updated_at=time.time())
+                .values(state=JobState.FAILED, last_error=reason, finished_at=now, updated_at=now)
             )
         return failed.rowcount == 1
 
@@ -607,10 +613,10 @@ class Store:
         if not ends:
             return []
         now = time.time()
+        rows = [end.parameters(now) for end in ends]
         for state in {end.state for end in ends}:
-            rows = [end.parameters(now) for end in ends if end.state == state]
-            connection.execute(_END_JOB[state], rows)
-        connection.execute(_END_ATTEMPT, [end.parameters(now) for end in ends])
+            connection.execute(_END_JOB[state], [row for row in rows if row["b_state"] == state])
+        connection.execute(_END_ATTEMPT, rows)
         return [None] * len(ends)
 
     def set_progress(self, job_id: str, percent: float, message: Optional[str]) -> None:

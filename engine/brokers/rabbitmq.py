@@ -249,7 +249,6 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
             message = message.copy(queue_name=dq_name(canonical_name), options={"eta": current_millis() + delay})
             routing_key = hq_name(canonical_name) if delay > self.delay_hold_ms else dq_name(canonical_name)
 
-        recorded_since = time.time()
         self.declare_queue(canonical_name)
         self.logger.debug("Enqueueing message %r on queue %r.", message.message_id, routing_key)
         if self._sends_behind(message):
@@ -261,6 +260,7 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
                 rows_in_flight.reset(token)
             self.sender.send(routing_key, message, delay, in_flight)
             return message
+        recorded_since = time.time()
         self.emit_before("enqueue", message, delay)
         try:
             self._publish(routing_key, message)
@@ -332,9 +332,7 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
         while True:
             try:
                 with self.pool.channel() as channel:
-                    if canonical_name in self.queues_pending:
-                        self._declare_queues(channel, canonical_name)
-                        self.queues_pending.discard(canonical_name)
+                    self._declare_if_pending(channel, canonical_name)
                     return operation(channel)
             except _AMQP_ERRORS as error:
                 # A message no queue took: its queue was deleted. Declare it again.
@@ -373,6 +371,12 @@ class RabbitmqBroker(_DramatiqRabbitmqBroker):
     def _ensure_queue(self, canonical_queue_name: str) -> None:
         if canonical_queue_name in self.queues_pending:
             self._on_a_channel(canonical_queue_name, lambda channel: None)
+
+    def _declare_if_pending(self, channel: BlockingChannel, canonical_name: str) -> None:
+        """Declare the queue on `channel` if it may be missing (new, or deleted meanwhile)."""
+        if canonical_name in self.queues_pending:
+            self._declare_queues(channel, canonical_name)
+            self.queues_pending.discard(canonical_name)
 
     def _declare_queues(self, channel: BlockingChannel, queue_name: str) -> None:
         """Declare a queue with its delay, hold and dead-letter queues."""
@@ -656,7 +660,6 @@ class _Sender:
             self.broker.logger.error("Exiting with jobs not sent: %s", error)
 
 
-
 class _Publisher:
     """The sender thread's connection to RabbitMQ, and how it sends a batch."""
 
@@ -715,10 +718,7 @@ class _Publisher:
         """Publish the batch in one transaction; the ids of the messages RabbitMQ returned."""
         channel = self._open_channel()
         for outgoing in batch:
-            canonical_name = q_name(outgoing.message.queue_name)
-            if canonical_name in self.broker.queues_pending:
-                self.broker._declare_queues(channel, canonical_name)
-                self.broker.queues_pending.discard(canonical_name)
+            self.broker._declare_if_pending(channel, q_name(outgoing.message.queue_name))
             channel.basic_publish(
                 exchange="",
                 routing_key=outgoing.routing_key,
