@@ -33,6 +33,10 @@ Apply = Callable[[Connection, list[T]], list[R]]
 #: The most writes committed in one transaction.
 MAX_BATCH = 512
 
+#: How often a put waiting for room in a full BatchThread looks again (it is woken sooner when
+#: a batch is taken).
+ROOM_POLL_S = 0.05
+
 #: The longest pause between two tries of a batch while the database is unreachable.
 OUTAGE_MAX_PAUSE_S = 5.0
 
@@ -155,14 +159,26 @@ class BatchThread(Generic[T]):
         self.name = name
         self.handler = handler
         self.max_batch = max_batch
-        self._items: queue.Queue[Optional[T]] = queue.Queue(maxsize=capacity)
+        self.capacity = capacity
+        # SimpleQueue's put and get are C code under the GIL, without the Python-level locks
+        # of queue.Queue: those made senders and the thread convoy on each other.
+        self._items: queue.SimpleQueue[Optional[T]] = queue.SimpleQueue()
+        self._room = threading.Event()  # set when a batch is taken, for a put waiting for room
         self._thread: Optional[threading.Thread] = None
         self._pid = 0
         self._lock = threading.Lock()
 
     def put(self, item: T) -> None:
         self._ensure_thread()
+        while self.capacity and self._items.qsize() >= self.capacity:
+            self._room.clear()
+            if self._items.qsize() >= self.capacity:
+                self._room.wait(ROOM_POLL_S)
         self._items.put(item)
+
+    def waiting(self) -> int:
+        """How many items wait to be taken."""
+        return self._items.qsize()
 
     def close(self, timeout: Optional[float] = None) -> None:
         """Handle what was handed in, then stop the thread (a later `put` starts a new one).
@@ -202,6 +218,7 @@ class BatchThread(Generic[T]):
                         self._items.put(None)  # for the next get: stop after this batch
                         break
                     batch.append(more)
+                self._room.set()
                 handle(batch)
         finally:
             handle.close()
