@@ -16,7 +16,7 @@
   behind as `queued`: its row is deleted again and `BrokerUnavailable` is raised, within
   seconds, naming the broker.
 - New jobs sent from outside a worker are sent behind the caller's back (`_Sender`): in
-  batches, each one AMQP transaction, after their rows are committed; `wait_sent` waits.
+  batches, after their rows are committed, with confirms pipelined; `wait_sent` waits.
 - `queue_depths`, the same report as the embedded broker's.
 - Quorum queues on request (replicated; RabbitMQ 3.10 gives them no priorities).
 """
@@ -588,10 +588,10 @@ class _Outgoing(NamedTuple):
 
 class _Sender:
     """Sends the messages `RabbitmqBroker.enqueue` takes without waiting, from a thread of its
-    own, in batches: on a connection of its own, each batch in one AMQP transaction, whose
-    commit RabbitMQ answers once it has taken every message of it (persisted, as a publisher
-    confirm would say). A message goes out only once its job's row is committed (the store's
-    writer batches those too), so no worker receives a job the store does not know.
+    own, in batches, on a connection of its own with publisher confirms (see `_Publisher`): a
+    message is sent once RabbitMQ has confirmed it (persisted it). A message goes out only
+    once its job's row is committed (the store's writer batches those too), so no worker
+    receives a job the store does not know.
 
     A RabbitMQ that cannot be reached is tried again, with growing pauses, for
     `send_behind_timeout` seconds; the jobs of a batch still not sent then are `failed`, with
