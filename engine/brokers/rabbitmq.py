@@ -521,6 +521,11 @@ class _HoldingConsumer(_RabbitmqConsumer):
 
     On a delay queue it also ticks every `DELAY_TICK_MS` when idle rather than every worker
     timeout (a second): the consumer thread looks for due messages at each tick.
+
+    Acks are sent in batches: the writer thread commits the ends of many jobs at once, and
+    their acks go to the consumer thread together, as one callback that writes them all to the
+    socket at once (Dramatiq's consumer wakes the thread, and writes to the socket, once per
+    ack).
     """
 
     broker: RabbitmqBroker
@@ -528,6 +533,8 @@ class _HoldingConsumer(_RabbitmqConsumer):
     def __init__(self, broker: RabbitmqBroker, queue_name: str, prefetch: int, timeout: int) -> None:
         self.delayed = queue_name.endswith(".DQ")
         self.unsettled: set[Pending[None]] = set()
+        self._acks: list[int] = []  # delivery tags to ack, once the consumer thread takes them
+        self._acks_lock = threading.Lock()
         super().__init__(broker, queue_name, prefetch, min(timeout, DELAY_TICK_MS) if self.delayed else timeout)
 
     def __next__(self) -> Any:
@@ -550,7 +557,32 @@ class _HoldingConsumer(_RabbitmqConsumer):
         return None
 
     def ack(self, message: Any) -> None:
-        self._when_recorded(message, lambda: super(_HoldingConsumer, self).ack(message))
+        self._when_recorded(message, lambda: self._ack_soon(message._tag))
+
+    def _ack_soon(self, tag: int) -> None:
+        """Hand the ack to the consumer thread; the first of a batch wakes it."""
+        try:
+            self.known_tags.remove(tag)
+        except KeyError:  # delivered on a connection since lost: RabbitMQ delivers it again
+            self.logger.warning("Failed to ack message: not in known tags.")
+            return
+        with self._acks_lock:
+            self._acks.append(tag)
+            first = len(self._acks) == 1
+        if first:
+            try:
+                self.connection.add_callback_threadsafe(self._send_acks)
+            except _AMQP_ERRORS as error:
+                raise ConnectionClosed(error) from None
+
+    def _send_acks(self) -> None:
+        """On the consumer thread: write the acks waiting. pika's BlockingChannel would flush
+        the socket after each; its underlying channel buffers them, and the consumer's I/O loop
+        writes them out together at its next turn."""
+        with self._acks_lock:
+            tags, self._acks = self._acks, []
+        for tag in tags:
+            self.channel._impl.basic_ack(tag)
 
     def nack(self, message: Any) -> None:
         self._when_recorded(message, lambda: super(_HoldingConsumer, self).nack(message))
