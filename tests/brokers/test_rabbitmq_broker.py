@@ -454,11 +454,20 @@ def test_a_job_recorded_before_keeps_its_row_when_its_message_cannot_be_sent(tmp
 # -- sending without waiting -------------------------------------------------------------------
 
 
+def sender_of_noops(tmp_path, amqp_url: str, queue: str, *, warm: bool = False) -> tuple[RabbitmqBroker, Store, dramatiq.Actor]:
+    """A tracked broker, its store, and an actor of `queue` taking one argument; `warm`: one
+    job sent and flushed already (the queue declared, the sender connected)."""
+    broker = tracked_broker(tmp_path, amqp_url)
+    actor = dramatiq.actor(lambda n: None, broker=broker, actor_name="noop", queue_name=queue)
+    if warm:
+        actor.send(0)
+        broker.wait_sent()
+    return broker, store_of(broker), actor
+
+
 @pytest.mark.sends_behind
 def test_sends_outside_a_worker_are_recorded_and_in_rabbitmq_once_flushed(tmp_path, amqp_url, queue, spy):
-    broker = tracked_broker(tmp_path, amqp_url)
-    store = store_of(broker)
-    actor = dramatiq.actor(lambda n: None, broker=broker, actor_name="noop", queue_name=queue)
+    broker, store, actor = sender_of_noops(tmp_path, amqp_url, queue)
 
     sent = [actor.send(n).message_id for n in range(300)]
     broker.wait_sent()
@@ -470,10 +479,7 @@ def test_sends_outside_a_worker_are_recorded_and_in_rabbitmq_once_flushed(tmp_pa
 
 @pytest.mark.sends_behind
 def test_sends_behind_to_a_queue_deleted_meanwhile_declare_it_again(tmp_path, amqp_url, queue, spy):
-    broker = tracked_broker(tmp_path, amqp_url)
-    actor = dramatiq.actor(lambda n: None, broker=broker, actor_name="noop", queue_name=queue)
-    actor.send(0)
-    broker.wait_sent()
+    broker, _, actor = sender_of_noops(tmp_path, amqp_url, queue, warm=True)
 
     # when the queue is deleted behind the broker's back (which declared it already)
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
@@ -489,11 +495,7 @@ def test_sends_behind_to_a_queue_deleted_meanwhile_declare_it_again(tmp_path, am
 
 @pytest.mark.sends_behind
 def test_sends_behind_survive_rabbitmq_closing_the_connection_midway(tmp_path, amqp_url, amqp_vhost, queue):
-    broker = tracked_broker(tmp_path, amqp_url)
-    store = store_of(broker)
-    actor = dramatiq.actor(lambda n: None, broker=broker, actor_name="noop", queue_name=queue)
-    actor.send(0)
-    broker.wait_sent()
+    broker, store, actor = sender_of_noops(tmp_path, amqp_url, queue, warm=True)
 
     # when RabbitMQ closes every connection (a restart, a network cut) while jobs stream out
     closer = threading.Thread(target=rabbitmqctl, args=("close_all_connections", "--vhost", amqp_vhost, "closed by a test"))
