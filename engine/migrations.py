@@ -17,7 +17,7 @@ from typing import Callable
 from loguru import logger
 from sqlalchemy import Connection, inspect, select, text
 
-from .schema import metadata, schema_version, workers
+from .schema import claim_order, metadata, schema_version, workers
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,14 @@ def _add_liveness_and_cancellation(connection: Connection) -> None:
     connection.execute(text("ALTER TABLE jobs ADD COLUMN cancel_requested_at FLOAT"))
 
 
+def _add_claim_order(connection: Connection) -> None:
+    claim_order.create(connection)
+
+
 #: Migrations from older schemas, oldest first. Version 1 is the first released schema.
 MIGRATIONS: list[Migration] = [
     Migration(2, "worker heartbeats and durable cancel requests", _add_liveness_and_cancellation),
+    Migration(3, "the embedded broker's claim index", _add_claim_order),
 ]
 
 LATEST = MIGRATIONS[-1].version if MIGRATIONS else 1

@@ -111,6 +111,13 @@ messages = Table(
     Index("ix_messages_message_id", "message_id"),
 )
 
+#: The embedded broker's claim walks this in delivery order (priority, then due time) and stops
+#: at the first rows it can take: with only `ix_messages_due`, each claim sorted every due row
+#: under the write lock (11 ms with 20,000 queued).
+claim_order = Index(
+    "ix_messages_claim", messages.c.queue, messages.c.dead_at, messages.c.priority.desc(), messages.c.eta, messages.c.id
+)
+
 schema_version = Table(
     "schema_version",
     metadata,

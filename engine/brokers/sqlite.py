@@ -31,7 +31,7 @@ from dramatiq.errors import BrokerConnectionError, DecodeError, QueueJoinTimeout
 from dramatiq.logging import get_logger
 from dramatiq.message import Message
 from dramatiq.middleware import Middleware
-from sqlalchemy import Connection, Executable, Row, case, delete, func, or_, select, update
+from sqlalchemy import Connection, Executable, Row, and_, case, delete, func, or_, select, update
 from sqlalchemy.exc import OperationalError
 
 from ..schema import messages
@@ -354,20 +354,26 @@ class _SQLiteConsumer(Consumer):
         # new lease owner and `redelivered` needs the old one. BEGIN IMMEDIATE holds the write
         # lock across both, so no other consumer can claim the same rows in between.
         now = time.time()
+        claimable = and_(
+            messages.c.queue == self.queue_name,
+            messages.c.dead_at.is_(None),
+            messages.c.eta <= now,
+            or_(messages.c.leased_until.is_(None), messages.c.leased_until < now),
+        )
+        # The claim walks `ix_messages_claim` in delivery order, and so past the rows not due
+        # yet: a queue of delayed jobs alone would be walked whole at each look. So first a look
+        # along `ix_messages_due` (SQLite's choice for a query without an order), where the due
+        # rows lie apart, that there is any.
+        any_due = select(messages.c.id).where(claimable).limit(1)
         due = (
             select(messages.c.id, messages.c.body, messages.c.lease_owner)
-            .where(
-                messages.c.queue == self.queue_name,
-                messages.c.dead_at.is_(None),
-                messages.c.eta <= now,
-                or_(messages.c.leased_until.is_(None), messages.c.leased_until < now),
-            )
+            .where(claimable)
             .order_by(messages.c.priority.desc(), messages.c.eta, messages.c.id)
             .limit(limit)
         )
         leases = self.broker.leases
         with self.broker.store.transaction() as connection:
-            rows = connection.execute(due).all()
+            rows = connection.execute(due).all() if connection.execute(any_due).first() else []
             if rows:
                 connection.execute(
                     update(messages)

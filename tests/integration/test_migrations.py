@@ -38,6 +38,7 @@ def test_a_version_1_store_is_migrated_to_the_latest(store_url):
     for table, column in ADDED_IN_2.items():
         assert column in [c["name"] for c in inspector.get_columns(table)]
     assert inspector.has_table("workers")
+    assert "ix_messages_claim" in [index["name"] for index in inspector.get_indexes("messages")]  # added in 3
     assert store.upgrade() == migrations.LATEST  # a second upgrade has nothing left to do
     store.close()
 
