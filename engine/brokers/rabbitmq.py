@@ -798,8 +798,7 @@ class _Publisher:
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
         acked = isinstance(method, pika.spec.Basic.Ack)
-        tags = [tag for tag in self._unconfirmed if tag <= method.delivery_tag] if method.multiple else [method.delivery_tag]
-        for tag in tags:
+        for tag in self._confirmed_tags(method.delivery_tag, method.multiple):
             outgoing = self._unconfirmed.pop(tag, None)
             if outgoing is None:
                 continue
@@ -809,6 +808,16 @@ class _Publisher:
             else:
                 outgoing.sent.set_result(None)
                 self.broker.emit_after("enqueue", outgoing.message, outgoing.delay)
+
+    def _confirmed_tags(self, delivery_tag: int, multiple: bool) -> list[int]:
+        if not multiple:
+            return [delivery_tag]
+        tags = []
+        for tag in self._unconfirmed:  # oldest first
+            if tag > delivery_tag:
+                break
+            tags.append(tag)
+        return tags
 
     def _on_return(self, _channel: Any, _method: Any, _properties: Any, body: bytes) -> None:
         message = Message.decode(body)
