@@ -27,6 +27,7 @@ import atexit
 import copy
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Callable, Iterator, NamedTuple, Optional, TypeVar, Union
@@ -723,7 +724,8 @@ class _Publisher:
         self._unconfirmed: dict[int, _Outgoing] = {}  # by delivery tag, oldest first
         self._last_tag = 0
         self._returned: set[str] = set()
-        self._again: list[_Outgoing] = []  # returned or nacked: to be published again
+        # Taken and not published yet: new, or returned or nacked and to go again.
+        self._to_publish: deque[_Outgoing] = deque()
 
     def __call__(self, batch: list[_Outgoing]) -> None:
         self._send([outgoing for outgoing in batch if self._recorded(outgoing)])
@@ -734,28 +736,27 @@ class _Publisher:
     def _send(self, batch: list[_Outgoing]) -> None:
         """Publish `batch`, and settle what RabbitMQ confirmed; while RabbitMQ fails, try it
         (with what it had not confirmed yet) again, for up to `send_behind_timeout` seconds."""
+        self._to_publish.extend(batch)
         give_up_at = time.monotonic() + self.broker.send_behind_timeout
         pause = RETRY_DELAY
         while True:
             try:
-                self._publish(batch)
-                batch = []
                 self._settle(wait=not self.sender.waiting())
                 return
             except _AMQP_ERRORS as error:
-                batch = self._take_unsettled() + batch
                 self._disconnect()
+                unsettled = self._take_unsettled()
                 if time.monotonic() + pause > give_up_at:
-                    self._give_up(batch, repr(error))
+                    self._give_up(unsettled, repr(error))
                     return
-                self.broker.logger.warning("RabbitMQ failed (%r); sending %d jobs again in %.2f s.", error, len(batch), pause)
+                self.broker.logger.warning("RabbitMQ failed (%r); sending %d jobs again in %.2f s.", error, len(unsettled), pause)
                 time.sleep(pause)
                 pause = min(2 * pause, 1.0)
+                self._to_publish.extend(unsettled)
             except Exception as error:  # a bug: fail the messages visibly, keep the thread alive
-                batch = self._take_unsettled() + batch
-                self.broker.logger.exception("Failed to send %d jobs.", len(batch))
+                self.broker.logger.exception("Failed to send jobs.")
                 self._disconnect()
-                self._give_up(batch, repr(error))
+                self._give_up(self._take_unsettled(), repr(error))
                 return
 
     def _recorded(self, outgoing: _Outgoing) -> bool:
@@ -768,10 +769,15 @@ class _Publisher:
             outgoing.sent.set_exception(errors[0])  # type: ignore[arg-type]
         return not errors
 
-    def _publish(self, batch: list[_Outgoing]) -> None:
+    def _publish_waiting(self) -> None:
+        """Publish what waits, each message counted unconfirmed before it goes out, so that
+        a failure halfway leaves every message either waiting or unconfirmed, none in both."""
         channel = self._open_channel()
-        for outgoing in batch:
+        while self._to_publish:
+            outgoing = self._to_publish[0]
             self.broker._declare_if_pending(channel, q_name(outgoing.message.queue_name))
+            self._last_tag += 1
+            self._unconfirmed[self._last_tag] = self._to_publish.popleft()
             channel._impl.basic_publish(
                 exchange="",
                 routing_key=outgoing.routing_key,
@@ -779,18 +785,17 @@ class _Publisher:
                 properties=_properties(outgoing.message),
                 mandatory=True,
             )
-            self._last_tag += 1
-            self._unconfirmed[self._last_tag] = outgoing
 
     def _settle(self, *, wait: bool) -> None:
-        """Handle the confirms that came in; with `wait`, until none is outstanding. Messages
-        returned (their queue was deleted: it is declared again first) or nacked go again."""
-        assert self._connection is not None
+        """Publish what waits and handle the confirms that came in; with `wait`, until none is
+        outstanding. Messages returned (their queue was deleted: it is declared again first) or
+        nacked go again."""
         while True:
+            self._publish_waiting()
+            assert self._connection is not None
             self._connection.process_data_events(time_limit=0)
-            if self._again:
-                again, self._again = self._again, []
-                self._publish(again)
+            if self._to_publish:
+                continue
             if not self._unconfirmed or not (wait or len(self._unconfirmed) > MAX_UNCONFIRMED):
                 return
             self._connection.process_data_events(time_limit=CONFIRM_POLL_S)
@@ -804,7 +809,7 @@ class _Publisher:
                 continue
             if not acked or outgoing.message.message_id in self._returned:
                 self._returned.discard(outgoing.message.message_id)
-                self._again.append(outgoing)
+                self._to_publish.append(outgoing)
             else:
                 outgoing.sent.set_result(None)
                 self.broker.emit_after("enqueue", outgoing.message, outgoing.delay)
@@ -827,8 +832,9 @@ class _Publisher:
     def _take_unsettled(self) -> list[_Outgoing]:
         """What was published and not confirmed, or is to go again: after a failure, all of it
         goes again (RabbitMQ may hold some of it: a job delivered twice is skipped by its start)."""
-        unsettled = [*self._unconfirmed.values(), *self._again]
-        self._unconfirmed, self._again, self._returned = {}, [], set()
+        unsettled = [*self._unconfirmed.values(), *self._to_publish]
+        self._unconfirmed, self._returned = {}, set()
+        self._to_publish.clear()
         return unsettled
 
     def _open_channel(self) -> BlockingChannel:
