@@ -21,9 +21,12 @@ def test_a_sent_job_is_tracked_from_queued_to_succeeded(stub_broker, stub_worker
     def add(x, y):
         return x + y
 
-    # when the actor is sent directly, not through engine.submit
+    # when the actor is sent directly, not through engine.submit (the worker paused, so that
+    # the job cannot start before it is looked at)
+    stub_worker.pause()
     message = add.send(2, 3)
     assert engine.get(message.message_id).state == JobState.QUEUED
+    stub_worker.resume()
     wait_done(stub_broker, stub_worker)
 
     job = engine.get(message.message_id)
