@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
 from sqlalchemy import Connection, Engine, and_, bindparam, create_engine, delete, event, func, literal_column, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.pool import NullPool
 
 from . import migrations
 from .errors import DuplicateJob, EngineError, InvalidJobState, JobNotFound
@@ -52,6 +53,25 @@ def _create_engine(url: str) -> Engine:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def _create_writer_engine(url: str, engine: Engine) -> Engine:
+    """Where the writer thread (`GroupCommit`) gets its connection: `engine` itself on SQLite,
+    whose hooks take the write lock; on PostgreSQL an engine of its own, for sessions whose
+    planner settings suit the writer's batches (NullPool: the writer keeps its one connection
+    for as long as it works).
+
+    - Generic plans: the writer runs the same few statements for every job, and PostgreSQL
+      otherwise planned them anew for each batch's values (its custom plans look cheaper on
+      paper), 0.7-1.6 ms of planning for a statement that runs in 0.4 ms.
+    - No sequential scans: each batch reads its rows by key. A generic plan is made once, at
+      the first batch, when a new store's tables are empty and a scan looks cheapest; it was
+      then kept while the attempts table grew, every batch scanning it whole.
+    """
+    if engine.dialect.name != "postgresql":
+        return engine
+    planner = "-c plan_cache_mode=force_generic_plan -c enable_seqscan=off"
+    return create_engine(url, poolclass=NullPool, connect_args={"options": planner})
 
 
 def encode_cursor(created_at: float, job_id: str) -> str:
@@ -270,7 +290,10 @@ _END_COLUMNS = {
 #: `Store.finish_attempts` does). Returns the jobs started; the starts of jobs that were not
 #: queued are looked at after it, one by one. The ``= ANY(ids)`` conditions repeat the joins
 #: for the planner: psycopg prepares the statement, and PostgreSQL's generic plan, which takes
-#: each set of rows for 100 rows, would otherwise scan a small jobs table whole.
+#: each set of rows for 100 rows, would otherwise scan a small jobs table whole. The started
+#: jobs' state is compared as ``state || ''``, which no index serves, so that they are found
+#: by their key: with statistics taken before a burst of sends, the planner judged
+#: ``ix_jobs_state_created`` selective and walked every queued job (3 ms per batch at 20,000).
 _RECORD_ATTEMPTS_PG = _for_psycopg(text(
     f"""
 WITH s AS (
@@ -278,7 +301,7 @@ WITH s AS (
 ), started AS (
   UPDATE jobs SET state = 'running', attempts = jobs.attempts + 1, started_at = :now, updated_at = :now
   FROM s WHERE jobs.id = s.job_id AND jobs.id = ANY(CAST(:start_ids AS text[]))
-    AND jobs.state IN ({_sql_states(TRANSITIONS[JobState.RUNNING])})
+    AND (jobs.state || '') IN ({_sql_states(TRANSITIONS[JobState.RUNNING])})
   RETURNING jobs.id, jobs.attempts, jobs.cancel_requested_at, s.host, s.pid, s.worker_id
 ), opened AS (
   INSERT INTO attempts (job_id, number, worker_host, worker_pid, worker_id, started_at)
@@ -322,7 +345,8 @@ class Store:
         self._insert_new_jobs = self._insert(jobs).on_conflict_do_nothing(index_elements=["id"]).returning(jobs.c.id)
         self._current: ContextVar[Optional[Connection]] = ContextVar(f"store-{id(self)}", default=None)
         #: Commits the writes of this process's worker threads together (see `engine.writer`).
-        self.writer = GroupCommit(self.connect_for_writes)
+        self._writer_engine = _create_writer_engine(url, self.engine)
+        self.writer = GroupCommit(lambda: self._writer_engine.connect().execution_options(write=True))
 
     # -- connections -------------------------------------------------------------------------
 
@@ -372,6 +396,7 @@ class Store:
 
     def close(self) -> None:
         self.writer.close()
+        self._writer_engine.dispose()
         self.engine.dispose()
 
     # -- enqueue -------------------------------------------------------------------------------
