@@ -66,7 +66,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     broker.emit_after("process_boot")
     worker = Worker(broker, queues=args.queues, worker_threads=args.threads or settings.worker_threads)
-    # One message per thread, not Dramatiq's two: a short job must not wait behind a long one in a busy process.
+    # One message per thread, not Dramatiq's two: a short job must not wait behind a long one in a
+    # busy process. A thread whose job's end is being committed gets its next one all the same
+    # (the RabbitMQ consumer's prefetch credit).
     worker.queue_prefetch = settings.prefetch or worker.worker_threads
     worker.start()
     logger.info("Worker process is ready for action.")

@@ -523,10 +523,19 @@ class _HoldingConsumer(_RabbitmqConsumer):
     On a delay queue it also ticks every `DELAY_TICK_MS` when idle rather than every worker
     timeout (a second): the consumer thread looks for due messages at each tick.
 
-    Acks are sent in batches: the writer thread commits the ends of many jobs at once, and
-    their acks go to the consumer thread together, as one callback that writes them all to the
-    socket at once (Dramatiq's consumer wakes the thread, and writes to the socket, once per
-    ack).
+    Settles (acks and nacks) are sent in batches: the writer thread commits the ends of many
+    jobs at once, and their settles go to the consumer thread together, as one callback that
+    writes them all to the socket at once (Dramatiq's consumer wakes the thread, and writes to
+    the socket, once per message).
+
+    Prefetch credit: a message whose job has ended still counts against the prefetch until its
+    settle is sent, which waits for its end to be committed. Meanwhile its worker thread is
+    free, and with a prefetch of one message per thread it would sit idle. So the prefetch is
+    raised by one for each such message and lowered again when it is settled: this process
+    never holds more messages than it has threads to run them (a short job does not wait behind
+    a long one here), yet a free thread gets its next message while the last one's end commits.
+    This needs a limit that RabbitMQ applies to a consumer while it consumes, its channel-wide
+    (``global``) one; quorum queues have no such limit, and there the prefetch stays fixed.
     """
 
     broker: RabbitmqBroker
@@ -534,9 +543,23 @@ class _HoldingConsumer(_RabbitmqConsumer):
     def __init__(self, broker: RabbitmqBroker, queue_name: str, prefetch: int, timeout: int) -> None:
         self.delayed = queue_name.endswith(".DQ")
         self.unsettled: set[Pending[None]] = set()
-        self._acks: list[int] = []  # delivery tags to ack, once the consumer thread takes them
-        self._acks_lock = threading.Lock()
-        super().__init__(broker, queue_name, prefetch, min(timeout, DELAY_TICK_MS) if self.delayed else timeout)
+        self.credit = not self.delayed and not broker.quorum_queues
+        self.prefetch = prefetch
+        self._granted = prefetch  # the limit RabbitMQ was last told
+        self._ended = 0  # messages whose job ended and whose settle has not been sent
+        self._settles: list[tuple[int, bool]] = []  # (delivery tag, ack?) for the consumer thread
+        self._update_pending = False  # a callback to the consumer thread is on its way
+        self._lock = threading.Lock()
+        # Dramatiq's consumer limits its consumer alone; with credit, the channel's limit
+        # does it. The limit must be in place before the first read subscribes.
+        super().__init__(
+            broker, queue_name, 0 if self.credit else prefetch, min(timeout, DELAY_TICK_MS) if self.delayed else timeout
+        )
+        if self.credit:
+            try:
+                self.channel.basic_qos(prefetch_count=prefetch, global_qos=True)
+            except _AMQP_ERRORS as error:
+                raise ConnectionClosed(error) from None
 
     def __next__(self) -> Any:
         message = super().__next__()
@@ -558,43 +581,73 @@ class _HoldingConsumer(_RabbitmqConsumer):
         return None
 
     def ack(self, message: Any) -> None:
-        self._when_recorded(message, lambda: self._ack_soon(message._tag))
-
-    def _ack_soon(self, tag: int) -> None:
-        """Hand the ack to the consumer thread; the first of a batch wakes it."""
-        try:
-            self.known_tags.remove(tag)
-        except KeyError:  # delivered on a connection since lost: RabbitMQ delivers it again
-            self.logger.warning("Failed to ack message: not in known tags.")
-            return
-        with self._acks_lock:
-            self._acks.append(tag)
-            first = len(self._acks) == 1
-        if first:
-            try:
-                self.connection.add_callback_threadsafe(self._send_acks)
-            except _AMQP_ERRORS as error:
-                raise ConnectionClosed(error) from None
-
-    def _send_acks(self) -> None:
-        """On the consumer thread: write the acks waiting. pika's BlockingChannel would flush
-        the socket after each; its underlying channel buffers them, and the consumer's I/O loop
-        writes them out together at its next turn."""
-        with self._acks_lock:
-            tags, self._acks = self._acks, []
-        for tag in tags:
-            self.channel._impl.basic_ack(tag)
+        self._settle_when_recorded(message, ack=True)
 
     def nack(self, message: Any) -> None:
-        self._when_recorded(message, lambda: super(_HoldingConsumer, self).nack(message))
+        self._settle_when_recorded(message, ack=False)
 
-    def _when_recorded(self, message: Any, settle: Callable[[], None]) -> None:
+    def _settle_when_recorded(self, message: Any, *, ack: bool) -> None:
         """Settle once the end of the message's job is committed to the store (`when_recorded`):
-        the worker thread does not wait for it."""
-        recorded = when_recorded(message, settle)
+        the worker thread does not wait for it, and its prefetch slot is lent out meanwhile."""
+        if self.credit:
+            with self._lock:
+                self._ended += 1
+                wake = self._wake_once()
+            if wake:
+                self._call_on_consumer_thread()
+        recorded = when_recorded(message, lambda: self._settle_soon(message._tag, ack))
         if recorded is not None:
             self.unsettled.add(recorded)
             recorded.add_done_callback(self.unsettled.discard)
+
+    def _settle_soon(self, tag: int, ack: bool) -> None:
+        """Hand the settle to the consumer thread; the first of a batch wakes it."""
+        try:
+            self.known_tags.remove(tag)
+        except KeyError:  # delivered on a connection since lost: RabbitMQ delivers it again
+            self.logger.warning("Failed to settle message: not in known tags.")
+            if self.credit:
+                with self._lock:
+                    self._ended -= 1
+            return
+        with self._lock:
+            self._settles.append((tag, ack))
+            wake = self._wake_once()
+        if wake:
+            self._call_on_consumer_thread()
+
+    def _wake_once(self) -> bool:
+        """Under the lock: whether the caller must wake the consumer thread (no wake-up is
+        on its way yet)."""
+        wake, self._update_pending = not self._update_pending, True
+        return wake
+
+    def _call_on_consumer_thread(self) -> None:
+        try:
+            self.connection.add_callback_threadsafe(self._update)
+        except _AMQP_ERRORS as error:
+            raise ConnectionClosed(error) from None
+
+    def _update(self) -> None:
+        """On the consumer thread: the prefetch limit, then the settles waiting. pika's
+        BlockingChannel would flush the socket after each and wait for the limit's reply; its
+        underlying channel buffers them, and the consumer's I/O loop writes them out together
+        at its next turn. The limit goes first, so that the slots the settles free are not
+        filled beyond it."""
+        with self._lock:
+            settles, self._settles = self._settles, []
+            self._update_pending = False
+            if self.credit:
+                self._ended -= len(settles)
+            limit = self.prefetch + self._ended
+        if limit != self._granted:
+            self.channel._impl.basic_qos(prefetch_count=limit, global_qos=True)
+            self._granted = limit
+        for tag, ack in settles:
+            if ack:
+                self.channel._impl.basic_ack(tag)
+            else:
+                self.channel._impl.basic_nack(tag, requeue=False)
 
     def close(self) -> None:
         """Close the channel and the connection, once the messages whose end is being

@@ -31,6 +31,7 @@ from engine.brokers.rabbitmq import SOCKET_TIMEOUT, sending_now
 from engine.middleware import Tracking
 from engine.settings import Settings
 from engine.store import Store
+from engine.writer import Pending
 
 from tests.integration.conftest import AMQP_HOST, _unavailable, amqp_vhost  # noqa: F401 (a fixture)
 from tests.support.processes import wait_for
@@ -571,6 +572,37 @@ def test_queue_depths_of_a_queue_rabbitmq_does_not_have_yet_are_zero(brokers, qu
     broker.declare_queue(queue)  # known to the broker, not declared in RabbitMQ yet
 
     assert broker.queue_depths() == {queue: {"ready": 0, "delayed": 0, "dead": 0}}
+
+
+# -- prefetch credit ---------------------------------------------------------------------------
+
+
+def test_a_message_whose_job_ended_lends_its_prefetch_slot_until_it_is_settled(brokers, queue):
+    broker = brokers()
+    actor, _ = recorder(broker, queue)
+    for n in range(3):
+        actor.send(n)
+    consumer = broker.consume(queue, prefetch=1, timeout=100)
+    first = wait_for(lambda: next(consumer), 5, "a delivery")
+
+    # when its job has ended and its end is still being recorded
+    first.end_recorded = Pending()
+    consumer.ack(first)
+
+    # then one more message comes for the thread it freed, and no other
+    second = wait_for(lambda: next(consumer), 5, "a second delivery")
+    assert [next(consumer) for _ in range(3)] == [None] * 3
+
+    # once the first is settled, the slot is the second's alone: still no third
+    first.end_recorded.set_result(None)
+    assert [next(consumer) for _ in range(3)] == [None] * 3
+
+    # and the second's end frees it for the third
+    consumer.ack(second)
+    third = wait_for(lambda: next(consumer), 5, "the third delivery")
+    assert sorted(message.args[0] for message in (first, second, third)) == [0, 1, 2]
+    consumer.ack(third)
+    consumer.close()
 
 
 # -- quorum queues -----------------------------------------------------------------------------
