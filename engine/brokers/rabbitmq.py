@@ -557,9 +557,22 @@ class _HoldingConsumer(_RabbitmqConsumer):
         )
         if self.credit:
             try:
-                self.channel.basic_qos(prefetch_count=prefetch, global_qos=True)
+                self._limit_channel(queue_name, timeout)
             except _AMQP_ERRORS as error:
                 raise ConnectionClosed(error) from None
+
+    def _limit_channel(self, queue_name: str, timeout: int) -> None:
+        """Set the channel-wide limit, or, on a RabbitMQ that refuses it (global QoS is a
+        deprecated feature from RabbitMQ 4.0 on, which a server can deny), consume on a new
+        channel with Dramatiq's fixed limit per consumer."""
+        try:
+            self.channel.basic_qos(prefetch_count=self.prefetch, global_qos=True)
+        except pika.exceptions.ChannelClosedByBroker as refused:
+            self.logger.warning("RabbitMQ refused a channel-wide prefetch (%s): the prefetch stays fixed.", refused)
+            self.credit = False
+            self.channel = self.connection.channel()
+            self.channel.basic_qos(prefetch_count=self.prefetch)
+            self.iterator = self.channel.consume(queue_name, inactivity_timeout=timeout / 1000)
 
     def __next__(self) -> Any:
         message = super().__next__()
@@ -590,15 +603,22 @@ class _HoldingConsumer(_RabbitmqConsumer):
         """Settle once the end of the message's job is committed to the store (`when_recorded`):
         the worker thread does not wait for it, and its prefetch slot is lent out meanwhile."""
         if self.credit:
-            with self._lock:
-                self._ended += 1
-                wake = self._wake_once()
-            if wake:
-                self._call_on_consumer_thread()
+            self._lend_slot()
         recorded = when_recorded(message, lambda: self._settle_soon(message._tag, ack))
         if recorded is not None:
             self.unsettled.add(recorded)
             recorded.add_done_callback(self.unsettled.discard)
+
+    def _lend_slot(self) -> None:
+        """A worker thread is free: raise the limit by one for its next message."""
+        with self._lock:
+            self._ended += 1
+            wake = self._wake_once()
+        if wake:
+            try:
+                self._call_on_consumer_thread()
+            except ConnectionClosed:
+                pass  # the consumer is gone with its connection: RabbitMQ delivers its messages again
 
     def _settle_soon(self, tag: int, ack: bool) -> None:
         """Hand the settle to the consumer thread; the first of a batch wakes it."""

@@ -21,6 +21,7 @@ import psutil
 import pytest
 from dramatiq import Message, Worker
 from dramatiq.errors import ConnectionClosed
+from pika.adapters.blocking_connection import BlockingChannel
 
 import engine
 import engine.broker
@@ -602,6 +603,36 @@ def test_a_message_whose_job_ended_lends_its_prefetch_slot_until_it_is_settled(b
     third = wait_for(lambda: next(consumer), 5, "the third delivery")
     assert sorted(message.args[0] for message in (first, second, third)) == [0, 1, 2]
     consumer.ack(third)
+    consumer.close()
+
+
+def test_a_rabbitmq_that_refuses_a_channel_wide_prefetch_gets_a_fixed_one(brokers, queue, monkeypatch):
+    # RabbitMQ 4 can deny global QoS (a deprecated feature); this RabbitMQ cannot, so the
+    # refusal is raised where pika would raise it
+    basic_qos = BlockingChannel.basic_qos
+
+    def refuse_global(channel, *args, global_qos=False, **kwargs):
+        if global_qos:
+            raise pika.exceptions.ChannelClosedByBroker(540, "NOT_IMPLEMENTED - global QoS is denied")
+        return basic_qos(channel, *args, global_qos=global_qos, **kwargs)
+
+    monkeypatch.setattr(BlockingChannel, "basic_qos", refuse_global)
+    broker = brokers()
+    actor, _ = recorder(broker, queue)
+    for n in range(2):
+        actor.send(n)
+    consumer = broker.consume(queue, prefetch=1, timeout=100)
+
+    # when a job ends and its end is still being recorded
+    first = wait_for(lambda: next(consumer), 5, "a delivery")
+    first.end_recorded = Pending()
+    consumer.ack(first)
+
+    # then its slot stays taken until it is settled, and consuming goes on
+    assert [next(consumer) for _ in range(3)] == [None] * 3
+    first.end_recorded.set_result(None)
+    second = wait_for(lambda: next(consumer), 5, "the second delivery")
+    consumer.ack(second)
     consumer.close()
 
 
