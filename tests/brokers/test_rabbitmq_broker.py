@@ -578,25 +578,35 @@ def test_queue_depths_of_a_queue_rabbitmq_does_not_have_yet_are_zero(brokers, qu
 # -- prefetch credit ---------------------------------------------------------------------------
 
 
-def test_a_message_whose_job_ended_lends_its_prefetch_slot_until_it_is_settled(brokers, queue):
-    broker = brokers()
+def first_ends_while_recorded(broker: RabbitmqBroker, queue: str, messages: int):
+    """Send `messages` jobs, consume with a prefetch of one, and end the first one's job with
+    its end still being recorded. Returns the consumer and the first message."""
     actor, _ = recorder(broker, queue)
-    for n in range(3):
+    for n in range(messages):
         actor.send(n)
     consumer = broker.consume(queue, prefetch=1, timeout=100)
     first = wait_for(lambda: next(consumer), 5, "a delivery")
-
-    # when its job has ended and its end is still being recorded
     first.end_recorded = Pending()
     consumer.ack(first)
+    return consumer, first
+
+
+def nothing_delivered(consumer) -> bool:
+    """No message comes for 0.3 s (three idle ticks)."""
+    return [next(consumer) for _ in range(3)] == [None] * 3
+
+
+def test_a_message_whose_job_ended_lends_its_prefetch_slot_until_it_is_settled(brokers, queue):
+    # when a job has ended and its end is still being recorded
+    consumer, first = first_ends_while_recorded(brokers(), queue, messages=3)
 
     # then one more message comes for the thread it freed, and no other
     second = wait_for(lambda: next(consumer), 5, "a second delivery")
-    assert [next(consumer) for _ in range(3)] == [None] * 3
+    assert nothing_delivered(consumer)
 
     # once the first is settled, the slot is the second's alone: still no third
     first.end_recorded.set_result(None)
-    assert [next(consumer) for _ in range(3)] == [None] * 3
+    assert nothing_delivered(consumer)
 
     # and the second's end frees it for the third
     consumer.ack(second)
@@ -617,19 +627,12 @@ def test_a_rabbitmq_that_refuses_a_channel_wide_prefetch_gets_a_fixed_one(broker
         return basic_qos(channel, *args, global_qos=global_qos, **kwargs)
 
     monkeypatch.setattr(BlockingChannel, "basic_qos", refuse_global)
-    broker = brokers()
-    actor, _ = recorder(broker, queue)
-    for n in range(2):
-        actor.send(n)
-    consumer = broker.consume(queue, prefetch=1, timeout=100)
 
-    # when a job ends and its end is still being recorded
-    first = wait_for(lambda: next(consumer), 5, "a delivery")
-    first.end_recorded = Pending()
-    consumer.ack(first)
+    # when a job has ended and its end is still being recorded
+    consumer, first = first_ends_while_recorded(brokers(), queue, messages=2)
 
     # then its slot stays taken until it is settled, and consuming goes on
-    assert [next(consumer) for _ in range(3)] == [None] * 3
+    assert nothing_delivered(consumer)
     first.end_recorded.set_result(None)
     second = wait_for(lambda: next(consumer), 5, "the second delivery")
     consumer.ack(second)
