@@ -26,6 +26,7 @@ from .brokers import RabbitmqBroker, SQLiteBroker
 from .errors import ConfigError
 from .middleware import Heartbeat, Retries, Tracking
 from .middleware.cancellation import Cancellation
+from .middleware.resend import Resend
 from .settings import Settings, get_settings
 from .store import Store
 
@@ -50,9 +51,13 @@ def build_middleware(settings: Settings, store: Store) -> list[Middleware]:
         result_max_bytes=settings.result_max_bytes,
         traceback_max_bytes=settings.traceback_max_bytes,
     )
+    # Jobs whose sender died before sending them are looked for once a live sender would have
+    # given up on them (and failed them) twice over.
+    resend = Resend(store, older_than_s=2 * settings.send_behind_timeout_s, interval_s=settings.send_behind_timeout_s)
     return [
         CurrentMessage(),
         heartbeat,
+        resend,
         Cancellation(store, broker_url=settings.broker_url, check_interval=settings.cancel_check_interval_s),
         tracking,
         AgeLimit(),

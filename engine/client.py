@@ -12,7 +12,6 @@ from datetime import timedelta
 from enum import StrEnum
 from typing import Any, Optional, Union
 
-from dramatiq import Message
 from dramatiq.errors import ActorNotFound
 
 from .broker import MAX_PRIORITY, get_broker, get_store
@@ -136,16 +135,8 @@ def retry(job_id: str) -> Job:
     """
     store = get_store()
     job = store.requeue(job_id)
-    message = Message(
-        queue_name=job.queue,
-        actor_name=job.actor,
-        args=tuple(job.args),
-        kwargs=job.kwargs,
-        options=store.message_options(job_id),
-        message_id=job.id,
-    )
     with sending_now():
-        get_broker().enqueue(message)
+        get_broker().enqueue(job.message(store.message_options(job_id)))
     return store.get(job_id)
 
 

@@ -12,6 +12,8 @@ from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Any, Optional
 
+from dramatiq import Message
+
 
 class JobState(StrEnum):
     """Where a job is in its life. `succeeded`, `failed` and `canceled` are final."""
@@ -89,6 +91,18 @@ class Job:
     scheduled_for: Optional[float]
     started_at: Optional[float]
     finished_at: Optional[float]
+
+    def message(self, options: dict[str, Any]) -> Message:
+        """The message that runs this job (its id is the job's), sent with `options`: how the
+        job is sent again."""
+        return Message(
+            queue_name=self.queue,
+            actor_name=self.actor,
+            args=tuple(self.args),
+            kwargs=self.kwargs,
+            options=options,
+            message_id=self.id,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view, timestamps in ISO 8601."""

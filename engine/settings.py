@@ -76,7 +76,10 @@ class Settings(BaseSettings):
     send_behind_timeout_s: float = Field(
         default=30.0,
         gt=0,
-        description="how long a job sent without waiting is tried while RabbitMQ is down, before it is failed",
+        description=(
+            "how long a job sent without waiting is tried while RabbitMQ is down, before it is failed;"
+            " also how often workers look for jobs whose sender died before sending them"
+        ),
     )
 
     @field_validator("broker_url")

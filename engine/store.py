@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
 
-from sqlalchemy import Connection, Engine, and_, bindparam, create_engine, delete, event, func, literal_column, select, text, tuple_, update
+from sqlalchemy import Connection, Engine, and_, bindparam, create_engine, delete, event, func, literal_column, or_, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import NullPool
@@ -465,6 +465,34 @@ class Store:
             return self.get(job_id)
 
     # -- unsent messages -----------------------------------------------------------------------
+
+    def claim_unsent(self, drained_queues: list[str], *, older_than_s: float, limit: int = 500) -> list[tuple[Job, dict[str, Any]]]:
+        """Jobs whose message was most likely never sent, claimed for sending again (see
+        `engine.middleware.resend`), with the options of their message. Untouched for
+        `older_than_s` seconds, each is:
+
+        - `queued` in one of `drained_queues` (queues whose messages RabbitMQ has all delivered);
+        - or `scheduled` for more than `older_than_s` seconds ago.
+
+        A claim sets the job's ``updated_at``: one process takes each job, and takes it again
+        only after another `older_than_s`, should its message still not have come.
+        """
+        now = time.time()
+        cutoff = now - older_than_s
+        untouched = and_(jobs.c.created_at < cutoff, jobs.c.updated_at < cutoff)
+        lost = or_(
+            and_(jobs.c.state == JobState.QUEUED, jobs.c.queue.in_(drained_queues)),
+            and_(jobs.c.state == JobState.SCHEDULED, jobs.c.scheduled_for < cutoff),
+        )
+        candidates = select(jobs.c.id).where(untouched, lost).order_by(jobs.c.created_at).limit(limit)
+        with self.transaction() as connection:
+            claimed = connection.execute(
+                update(jobs)
+                .where(jobs.c.id.in_(candidates.scalar_subquery()), untouched, lost)
+                .values(updated_at=now)
+                .returning(*jobs.c)
+            ).all()
+        return [(_job(row), json.loads(row.options)) for row in claimed]
 
     def forget_unsent(self, job_id: str, *, recorded_since: float) -> bool:
         """Delete the row of a new job whose message the broker did not take, so that no job

@@ -3,8 +3,11 @@ RabbitMQ restart. Distributed mode unless said otherwise."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -89,6 +92,47 @@ def test_a_job_longer_than_the_consumer_timeout_runs_exactly_once(
     assert [a.outcome for a in engine.attempts(job.id)] == [Outcome.SUCCEEDED]
     assert completions(engine_env, job.id) == 1
     assert wait_for_state(engine.submit("echo", "after").id, FINISHED).state == JobState.SUCCEEDED
+
+
+#: A process that sends a job and a delayed one, and is killed once their rows are committed,
+#: before its sender thread could publish their messages (it is kept from doing so).
+KILLED_SENDER = """
+import os, signal
+import engine
+from engine.brokers.rabbitmq import _Publisher
+from tests.support import actors
+_Publisher.__call__ = lambda self, batch: signal.pause()
+print(actors.echo.send("lost").message_id)
+print(actors.echo.send_with_options(args=("late",), delay=300).message_id, flush=True)
+engine.broker.get_store().writer.flush()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def killed_sender(env: dict[str, str]) -> list[str]:
+    """Run `KILLED_SENDER`; the ids of the jobs it sent."""
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_SENDER], env={**os.environ, **env}, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    return done.stdout.split()
+
+
+@pytest.mark.parametrize("mode", ["distributed"], indirect=True)
+def test_jobs_whose_sender_was_killed_before_sending_them_run_once(engine_env, start_engine):
+    # given jobs recorded by a process killed before it sent their messages
+    ids = killed_sender(engine_env)
+    assert [engine.get(job_id).state for job_id in ids] == [JobState.QUEUED, JobState.SCHEDULED]
+
+    # when a worker runs (whose senders would give up after 0.5 s: it looks for such jobs
+    # every 0.5 s, untouched for 1 s)
+    engine_env["ENGINE_SEND_BEHIND_TIMEOUT_S"] = "0.5"
+    start_engine("worker", "--processes", "1", "--threads", "2")
+
+    # then each job is sent again and runs, once
+    done = [wait_for_state(job_id, FINISHED, timeout=30) for job_id in ids]
+    assert [job.state for job in done] == [JobState.SUCCEEDED, JobState.SUCCEEDED]
+    assert [completions(engine_env, job_id) for job_id in ids] == [1, 1]
 
 
 @pytest.mark.parametrize("mode", ["distributed"], indirect=True)
