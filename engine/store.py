@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
 
 from sqlalchemy import Connection, Engine, and_, bindparam, create_engine, delete, event, func, literal_column, or_, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.pool import NullPool
 
 from . import migrations
@@ -346,6 +346,7 @@ class Store:
         self._current: ContextVar[Optional[Connection]] = ContextVar(f"store-{id(self)}", default=None)
         #: Commits the writes of this process's worker threads together (see `engine.writer`).
         self._writer_engine = _create_writer_engine(url, self.engine)
+        self._leads: dict[str, Connection] = {}  # the locks of `lead`, each on its connection
         self.writer = GroupCommit(lambda: self._writer_engine.connect().execution_options(write=True))
 
     # -- connections -------------------------------------------------------------------------
@@ -394,7 +395,40 @@ class Store:
         with self.reading() as connection:
             connection.execute(text("SELECT 1"))
 
+    def lead(self, name: str) -> bool:
+        """Whether this process leads in `name`: holds a database-wide lock of that name,
+        taken now if it was free, so that one process at a time does what it guards. The lock
+        is held on a connection of its own until `close`; a process that dies frees it with
+        its connection. On SQLite, which one host uses, always True."""
+        if self.engine.dialect.name != "postgresql":
+            return True
+        held = self._leads.get(name)
+        if held is not None:
+            try:
+                held.exec_driver_sql("SELECT 1")
+                held.rollback()
+                return True
+            except DBAPIError:  # the connection broke, and the lock went with it
+                del self._leads[name]
+                held.invalidate()
+                held.close()
+        connection = self._writer_engine.connect()
+        try:
+            taken = connection.execute(text("SELECT pg_try_advisory_lock(hashtext(:name))"), {"name": name}).scalar()
+            connection.rollback()  # the lock is the session's: no transaction is left open
+        except BaseException:
+            connection.close()
+            raise
+        if taken:
+            self._leads[name] = connection
+        else:
+            connection.close()
+        return bool(taken)
+
     def close(self) -> None:
+        for connection in self._leads.values():
+            connection.close()
+        self._leads.clear()
         self.writer.close()
         self._writer_engine.dispose()
         self.engine.dispose()
@@ -480,11 +514,10 @@ class Store:
         now = time.time()
         cutoff = now - older_than_s
         untouched = and_(jobs.c.created_at < cutoff, jobs.c.updated_at < cutoff)
-        lost = or_(
-            and_(jobs.c.state == JobState.QUEUED, jobs.c.queue.in_(drained_queues)),
-            and_(jobs.c.state == JobState.SCHEDULED, jobs.c.scheduled_for < cutoff),
-        )
-        candidates = select(jobs.c.id).where(untouched, lost).order_by(jobs.c.created_at).limit(limit)
+        overdue = and_(jobs.c.state == JobState.SCHEDULED, jobs.c.scheduled_for < cutoff)
+        lost = or_(and_(jobs.c.state == JobState.QUEUED, jobs.c.queue.in_(drained_queues)), overdue)
+        # No order: the scan stops at `limit` found, and what is left is found at the next look.
+        candidates = select(jobs.c.id).where(untouched, lost if drained_queues else overdue).limit(limit)
         with self.transaction() as connection:
             claimed = connection.execute(
                 update(jobs)

@@ -3,8 +3,8 @@
 Outside a worker, ``actor.send()`` on RabbitMQ returns once the job is handed to a sender
 thread, which commits the job's row, then publishes its message (see `engine.flush`). A
 process killed in between (SIGKILL, the OOM killer, a crash) leaves its job `queued`, or
-`scheduled`, for a message that does not exist. Every worker process looks for such jobs every
-`interval_s` seconds and sends them again:
+`scheduled`, for a message that does not exist. The worker processes look for such jobs every
+`interval_s` seconds and send them again:
 
 - a `queued` job untouched for `older_than_s`, in a queue RabbitMQ shows empty: had its message
   been sent, it would wait there (or its job would have started);
@@ -12,9 +12,10 @@ process killed in between (SIGKILL, the OOM killer, a crash) leaves its job `que
   falls due.
 
 `older_than_s` is well past the time a live sender keeps trying (``ENGINE_SEND_BEHIND_TIMEOUT_S``,
-after which it fails the job itself). A job found is claimed in the store, so that one process
-sends it. Should its message exist after all (delivered to a worker that has not started it
-yet), the job still runs once: Tracking skips the second delivery.
+after which it fails the job itself). One of them looks at a time (`Store.lead`: a look may read
+every queued job, which N processes need not each do), and a job found is claimed in the store.
+Should its message exist after all (delivered to a worker that has not started it yet), the job
+still runs once: Tracking skips the second delivery.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..brokers.rabbitmq import RabbitmqBroker, sending_now
 from ..errors import EngineError
 from ..store import Store
+
+
+#: The name of the lock the worker process that looks holds (see `Store.lead`).
+LEAD = "engine.resend"
 
 
 class Resend(Middleware):
@@ -61,6 +66,8 @@ class Resend(Middleware):
     def resend(self, broker: RabbitmqBroker) -> int:
         """Look once; returns how many jobs were sent again."""
         try:
+            if not self.store.lead(LEAD):
+                return 0
             drained = [queue for queue, depth in broker.queue_depths().items() if depth["ready"] == 0]
             claimed = self.store.claim_unsent(drained, older_than_s=self.older_than_s)
         except (ConnectionClosed, SQLAlchemyError) as error:

@@ -124,10 +124,10 @@ def test_jobs_whose_sender_was_killed_before_sending_them_run_once(engine_env, s
     ids = killed_sender(engine_env)
     assert [engine.get(job_id).state for job_id in ids] == [JobState.QUEUED, JobState.SCHEDULED]
 
-    # when a worker runs (whose senders would give up after 0.5 s: it looks for such jobs
-    # every 0.5 s, untouched for 1 s)
+    # when workers run (whose senders would give up after 0.5 s: one of them looks for such
+    # jobs every 0.5 s, untouched for 1 s)
     engine_env["ENGINE_SEND_BEHIND_TIMEOUT_S"] = "0.5"
-    start_engine("worker", "--processes", "1", "--threads", "2")
+    start_engine("worker", "--processes", "2", "--threads", "2")
 
     # then each job is sent again and runs, once
     done = [wait_for_state(job_id, FINISHED, timeout=30) for job_id in ids]

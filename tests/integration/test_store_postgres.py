@@ -1,4 +1,5 @@
-"""The store on PostgreSQL: the worker's batches stay key lookups whatever the planner was told.
+"""The store on PostgreSQL: the worker's batches stay key lookups whatever the planner was told;
+one process at a time leads a task.
 
 A worker's batch runs for every job, so a plan that walks a table or the state index costs
 time in proportion to the queue: these tests read PostgreSQL's own scan counters.
@@ -74,3 +75,20 @@ def test_a_workers_batches_find_their_jobs_by_key_with_statistics_from_before_a_
     # then every job ran its one attempt, and no batch walked the queue or a table
     assert store.count_by_state()[JobState.SUCCEEDED] == JOBS - QUEUED + len(queued)
     assert scans(pg_url) == before
+
+
+def test_one_process_leads_until_its_connection_is_gone(store, pg_url):
+    other = Store(pg_url.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        # when one store (one process) leads
+        assert store.lead("a task")
+
+        # then another does not, in that task only, for as long as the first holds it
+        assert store.lead("a task") and not other.lead("a task")
+        assert other.lead("another task")
+
+        # and takes over once the first is gone
+        store.close()
+        assert other.lead("a task")
+    finally:
+        other.close()
