@@ -514,10 +514,11 @@ class Store:
         now = time.time()
         cutoff = now - older_than_s
         untouched = and_(jobs.c.created_at < cutoff, jobs.c.updated_at < cutoff)
-        overdue = and_(jobs.c.state == JobState.SCHEDULED, jobs.c.scheduled_for < cutoff)
-        lost = or_(and_(jobs.c.state == JobState.QUEUED, jobs.c.queue.in_(drained_queues)), overdue)
+        lost = and_(jobs.c.state == JobState.SCHEDULED, jobs.c.scheduled_for < cutoff)
+        if drained_queues:
+            lost = or_(and_(jobs.c.state == JobState.QUEUED, jobs.c.queue.in_(drained_queues)), lost)
         # No order: the scan stops at `limit` found, and what is left is found at the next look.
-        candidates = select(jobs.c.id).where(untouched, lost if drained_queues else overdue).limit(limit)
+        candidates = select(jobs.c.id).where(untouched, lost).limit(limit)
         with self.transaction() as connection:
             claimed = connection.execute(
                 update(jobs)
