@@ -94,21 +94,31 @@ class AttemptStart(NamedTuple):
       running_elsewhere(bool): the job is running under a live worker: look again later, as
         that worker may still die before it ends.
       cancel_requested(bool): the job is to run, but its cancel was requested already.
+      undecided(bool): the writer's one statement on PostgreSQL (`Store.record_attempts`)
+        found the job not queued, or ending in the same batch: `Store.start_attempts` decides.
     """
 
     number: Optional[int]
     running_elsewhere: bool = False
     cancel_requested: bool = False
+    undecided: bool = False
 
 
 class StartRequest(NamedTuple):
-    """A delivered job to start, and the worker process that is to run it."""
+    """A delivered job to start, and the worker process that is to run it.
+
+    `requested_at` (``time.time()`` when the worker asked) becomes the attempt's
+    ``started_at``, and tells the start apart from any other of the job: a batch tried again
+    after its connection failed may find its own start committed by the first try, and must
+    not take it for another worker's (see `Store._start_running`).
+    """
 
     job_id: str
     host: str
     pid: int
     worker_id: Optional[str]
     dead_after_s: float
+    requested_at: float
 
 
 class AttemptEnd(NamedTuple):
@@ -250,35 +260,42 @@ _NEW_JOB_COLUMNS = {
     "scheduled_for": "float8",
 }
 
-#: `Store.record_enqueues` on PostgreSQL: the batch's rows in one statement of fixed text (a
-#: multi-row VALUES has a text per batch size, which psycopg parses again each time), with the
-#: rows in one JSON parameter (`_json_rows`).
-_RECORD_ENQUEUES_PG = _for_psycopg(text(
-    f"""
-INSERT INTO jobs ({", ".join(_NEW_JOB_COLUMNS)}, attempts, updated_at)
-SELECT {", ".join(_NEW_JOB_COLUMNS)}, 0, created_at FROM {_recordset("new", _NEW_JOB_COLUMNS)}
-ON CONFLICT (id) DO NOTHING
-RETURNING id
-"""
-))
-
-
 def _sql_states(states: frozenset[JobState]) -> str:
-    """States as an SQL list, for the compare-and-sets of `_RECORD_ATTEMPTS_PG`."""
+    """States as an SQL list, for the compare-and-sets of the writer's statements."""
     return ", ".join(f"'{state.value}'" for state in sorted(states))
+
+
+def _moves_sql(new_state: str, allowed: dict[JobState, frozenset[JobState]]) -> str:
+    """A compare-and-set as SQL: the job's state (``jobs.state``) is one that `allowed` lists
+    before the state the `new_state` column asks for."""
+    return " OR ".join(
+        f"({new_state} = '{state.value}' AND jobs.state IN ({_sql_states(before)}))"
+        for state, before in sorted(allowed.items())
+    )
 
 
 def _may_end_sql() -> str:
     """The compare-and-set of an ending job, `TRANSITIONS` written out for `_RECORD_ATTEMPTS_PG`."""
-    moves = [
-        f"(e.state = '{state.value}' AND jobs.state IN ({_sql_states(TRANSITIONS[state])}))"
-        for state in sorted(FINISHED_STATES)
-    ]
-    return " OR ".join(["e.state IS NULL", *moves])
+    return "e.state IS NULL OR " + _moves_sql("e.state", {state: TRANSITIONS[state] for state in FINISHED_STATES})
+
+
+#: `Store.record_enqueues` on PostgreSQL: the batch's rows in one statement of fixed text (a
+#: multi-row VALUES has a text per batch size, which psycopg parses again each time), with the
+#: rows in one JSON parameter (`_json_rows`). A job enqueued again (its row exists) is moved by
+#: a compare-and-set on `REENQUEUE_TRANSITIONS`, and left alone when its state allows no move.
+_RECORD_ENQUEUES_PG = _for_psycopg(text(
+    f"""
+INSERT INTO jobs ({", ".join(_NEW_JOB_COLUMNS)}, attempts, updated_at)
+SELECT {", ".join(_NEW_JOB_COLUMNS)}, 0, created_at FROM {_recordset("new", _NEW_JOB_COLUMNS)}
+ON CONFLICT (id) DO UPDATE SET
+  state = excluded.state, scheduled_for = excluded.scheduled_for, updated_at = excluded.updated_at
+WHERE {_moves_sql("excluded.state", REENQUEUE_TRANSITIONS)}
+"""
+))
 
 
 #: The columns of `StartRequest` and `AttemptEnd` that `_RECORD_ATTEMPTS_PG` takes, with types.
-_START_COLUMNS = {"job_id": "text", "host": "text", "pid": "int", "worker_id": "text"}
+_START_COLUMNS = {"job_id": "text", "host": "text", "pid": "int", "worker_id": "text", "requested_at": "float8"}
 _END_COLUMNS = {
     "job_id": "text", "number": "int", "outcome": "text", "state": "text", "result": "text",
     "last_error": "text", "error_type": "text", "error_message": "text", "traceback": "text",
@@ -287,8 +304,8 @@ _END_COLUMNS = {
 
 #: The writer's batch on PostgreSQL in one statement: the queued jobs of the starts moved to
 #: `running` with their attempt rows (as `Store.start_attempts` does), and the ends (as
-#: `Store.finish_attempts` does). Returns the jobs started; the starts of jobs that were not
-#: queued are looked at after it, one by one. The ``= ANY(ids)`` conditions repeat the joins
+#: `Store.finish_attempts` does). Returns the jobs started; the other starts are left
+#: undecided (`AttemptStart.undecided`). The ``= ANY(ids)`` conditions repeat the joins
 #: for the planner: psycopg prepares the statement, and PostgreSQL's generic plan, which takes
 #: each set of rows for 100 rows, would otherwise scan a small jobs table whole. The started
 #: jobs' state is compared as ``state || ''``, which no index serves, so that they are found
@@ -302,10 +319,10 @@ WITH s AS (
   UPDATE jobs SET state = 'running', attempts = jobs.attempts + 1, started_at = :now, updated_at = :now
   FROM s WHERE jobs.id = s.job_id AND jobs.id = ANY(CAST(:start_ids AS text[]))
     AND (jobs.state || '') IN ({_sql_states(TRANSITIONS[JobState.RUNNING])})
-  RETURNING jobs.id, jobs.attempts, jobs.cancel_requested_at, s.host, s.pid, s.worker_id
+  RETURNING jobs.id, jobs.attempts, jobs.cancel_requested_at, s.host, s.pid, s.worker_id, s.requested_at
 ), opened AS (
   INSERT INTO attempts (job_id, number, worker_host, worker_pid, worker_id, started_at)
-  SELECT id, attempts, host, pid, worker_id, :now FROM started
+  SELECT id, attempts, host, pid, worker_id, requested_at FROM started
 ), e AS (
   SELECT * FROM {_recordset("e", _END_COLUMNS)}
 ), ended AS (
@@ -347,7 +364,11 @@ class Store:
         #: Commits the writes of this process's worker threads together (see `engine.writer`).
         self._writer_engine = _create_writer_engine(url, self.engine)
         self._leads: dict[str, Connection] = {}  # the locks of `lead`, each on its connection
-        self.writer = GroupCommit(lambda: self._writer_engine.connect().execution_options(write=True))
+        postgres = self.engine.dialect.name == "postgresql"
+        one_statement = frozenset([self.record_attempts, self.record_enqueues]) if postgres else frozenset()
+        self.writer = GroupCommit(
+            lambda: self._writer_engine.connect().execution_options(write=True), one_statement=one_statement
+        )
 
     # -- connections -------------------------------------------------------------------------
 
@@ -447,7 +468,8 @@ class Store:
 
     def record_enqueues(self, connection: Connection, records: list[EnqueueRecord]) -> list[None]:
         """Create the job rows of messages being enqueued, or move existing ones, in
-        `connection`'s transaction: one INSERT for the batch.
+        `connection`'s transaction: one statement for the batch on PostgreSQL
+        (`_RECORD_ENQUEUES_PG`, which the writer commits without a transaction around it).
 
         A message is enqueued again when a retry waits out its backoff, when a delayed message
         becomes due, and when a failed job is retried by hand: the row then moves to `scheduled`
@@ -460,10 +482,10 @@ class Store:
         rows = [{**record.row, "state": record.state} for record in records]
         try:
             if self.engine.dialect.name == "postgresql":
-                inserted = set(connection.exec_driver_sql(_RECORD_ENQUEUES_PG, {"new": _json_rows(rows)}).scalars())
-            else:
-                values = [{**row, "attempts": 0, "updated_at": row["created_at"]} for row in rows]
-                inserted = set(connection.execute(self._insert_new_jobs, values).scalars())
+                connection.exec_driver_sql(_RECORD_ENQUEUES_PG, {"new": _json_rows(rows)})
+                return [None] * len(records)
+            values = [{**row, "attempts": 0, "updated_at": row["created_at"]} for row in rows]
+            inserted = set(connection.execute(self._insert_new_jobs, values).scalars())
         except IntegrityError:
             if len(records) > 1:
                 raise
@@ -575,41 +597,45 @@ class Store:
     ) -> AttemptStart:
         """Move the job to `running` and open an attempt row, in one transaction (see
         `start_attempts`)."""
+        request = StartRequest(job_id, host, pid, worker_id, dead_after_s, time.time())
         with self.transaction() as connection:
-            [start] = self.start_attempts(connection, [StartRequest(job_id, host, pid, worker_id, dead_after_s)])
+            [start] = self.start_attempts(connection, [request])
         return start
 
     def record_attempts(self, connection: Connection, records: list[AttemptRecord]) -> list[Optional[AttemptStart]]:
-        """Starts and ends of attempts, in `connection`'s transaction: how the store's writer
-        commits those of all the worker threads of a process together.
+        """Starts and ends of attempts, on `connection`: how the store's writer commits those
+        of all the worker threads of a process together.
 
-        On PostgreSQL one statement does all of it (`_RECORD_ATTEMPTS_PG`), unless the batch
-        both starts and ends the same job (a retry due at once), which no single statement can
-        do; elsewhere `start_attempts` and `finish_attempts` each take one statement per kind.
+        On PostgreSQL it is one statement (`_RECORD_ATTEMPTS_PG`), which the writer commits
+        without a transaction around it (`one_statement`). It starts the queued jobs only: a
+        start it finds not queued (a redelivery, a takeover), or whose job the batch also ends
+        (a retry due at once: no statement updates a row twice), comes back undecided, for
+        `start_attempts` to decide. Elsewhere, `start_attempts` and `finish_attempts` each take
+        one statement per kind.
 
         Returns:
           one `AttemptStart` per `StartRequest`, None per `AttemptEnd`, in order.
         """
         starts = [record for record in records if isinstance(record, StartRequest)]
         ends = [record for record in records if isinstance(record, AttemptEnd)]
-        one_statement = self.engine.dialect.name == "postgresql" and not (
-            {end.job_id for end in ends} & {start.job_id for start in starts}
-        )
-        if one_statement:
-            now = time.time()
-            parameters = {
-                "now": now,
-                "s": _json_rows([start._asdict() for start in starts]),
-                "start_ids": [start.job_id for start in starts],
-                "e": _json_rows([end._asdict() for end in ends]),
-                "end_ids": [end.job_id for end in ends],
-            }
-            queued = {row.id: row for row in connection.exec_driver_sql(_RECORD_ATTEMPTS_PG, parameters)}
-            started = iter(self._open_attempts(connection, starts, queued, now, opened=True))
-        else:
+        if self.engine.dialect.name != "postgresql":
             started = iter(self.start_attempts(connection, starts))
             self.finish_attempts(connection, ends)
-        return [next(started) if isinstance(record, StartRequest) else None for record in records]
+            return [next(started) if isinstance(record, StartRequest) else None for record in records]
+        ended = {end.job_id for end in ends}
+        starts = [start for start in starts if start.job_id not in ended]
+        parameters = {
+            "now": time.time(),
+            "s": _json_rows([start._asdict() for start in starts]),
+            "start_ids": [start.job_id for start in starts],
+            "e": _json_rows([end._asdict() for end in ends]),
+            "end_ids": [end.job_id for end in ends],
+        }
+        queued = {row.id: row for row in connection.exec_driver_sql(_RECORD_ATTEMPTS_PG, parameters)}
+        # pop: of two deliveries of one job in the batch, the second is undecided.
+        return [
+            _started(queued.pop(record.job_id, None)) if isinstance(record, StartRequest) else None for record in records
+        ]
 
     def start_attempts(self, connection: Connection, requests: list[StartRequest]) -> list[AttemptStart]:
         """Move each request's job to `running` and open its attempt row, in `connection`'s
@@ -631,34 +657,16 @@ class Store:
         moved = connection.execute(
             _START_QUEUED, {"ids": [request.job_id for request in requests], "now": now}
         ).all()
-        return self._open_attempts(connection, requests, {row.id: row for row in moved}, now, opened=False)
-
-    def _open_attempts(
-        self, connection: Connection, requests: list[StartRequest], queued: dict[str, Any], now: float, *, opened: bool
-    ) -> list[AttemptStart]:
-        """The starts of `requests`, given the `queued` jobs just moved to `running` (with their
-        attempt count and cancel request); the others are looked at one by one. Inserts the new
-        attempt rows, but those of `queued` when `opened` says that they are inserted already."""
+        queued = {row.id: row for row in moved}
         starts, rows = [], []
         for request in requests:
             # pop: a second delivery of the same job in this batch finds it `running`.
             row = queued.pop(request.job_id, None)
-            if row is not None:
-                start = AttemptStart(row.attempts, cancel_requested=row.cancel_requested_at is not None)
+            if row is None:
+                starts.append(self._start_running(connection, request, now))
             else:
-                start = self._start_running(connection, request, now)
-            if start.number is not None and (row is None or not opened):
-                rows.append(
-                    {
-                        "job_id": request.job_id,
-                        "number": start.number,
-                        "worker_host": request.host,
-                        "worker_pid": request.pid,
-                        "worker_id": request.worker_id,
-                        "started_at": now,
-                    }
-                )
-            starts.append(start)
+                starts.append(_started(row))
+                rows.append(_attempt_row(request, row.attempts))
         if rows:
             connection.execute(attempts.insert(), rows)
         return starts
@@ -667,7 +675,10 @@ class Store:
         """Start a job that was not queued: take it over if its worker died, else say why not."""
         open_attempt = attempts.c.finished_at.is_(None)
         found = connection.execute(
-            select(jobs.c.state, jobs.c.attempts, jobs.c.cancel_requested_at, workers.c.heartbeat_at, workers.c.stopped_at)
+            select(
+                jobs.c.state, jobs.c.attempts, jobs.c.cancel_requested_at, workers.c.heartbeat_at, workers.c.stopped_at,
+                attempts.c.worker_id, attempts.c.started_at,
+            )  # fmt: skip
             .select_from(
                 jobs.outerjoin(attempts, and_(attempts.c.job_id == jobs.c.id, open_attempt)).outerjoin(
                     workers, workers.c.id == attempts.c.worker_id
@@ -677,6 +688,9 @@ class Store:
         ).first()
         if found is None or found.state != JobState.RUNNING:
             return AttemptStart(None)
+        own = (request.worker_id, request.requested_at)
+        if request.worker_id is not None and (found.worker_id, found.started_at) == own:
+            return _started(found)  # this very start, committed by a try whose reply was lost
         alive = (
             found.heartbeat_at is not None
             and found.stopped_at is None
@@ -693,6 +707,7 @@ class Store:
         if number is None:  # another delivery took it over first: it runs there now
             return AttemptStart(None, running_elsewhere=True)
         self._close_open_attempts(connection, request.job_id, Outcome.ABANDONED, now)
+        connection.execute(attempts.insert(), [_attempt_row(request, number)])
         return AttemptStart(number, cancel_requested=found.cancel_requested_at is not None)
 
     def finish_attempt(self, job_id: str, number: int, outcome: Outcome, **fields: Any) -> None:
@@ -933,6 +948,26 @@ class Store:
 
 def _finished_before(cutoff: float) -> Any:
     return and_(jobs.c.state.in_([state.value for state in FINISHED_STATES]), jobs.c.finished_at < cutoff)
+
+
+def _started(row: Any) -> AttemptStart:
+    """The start of a job moved to `running` (`row` has its attempt count and cancel request);
+    undecided when there is no row."""
+    if row is None:
+        return AttemptStart(None, undecided=True)
+    return AttemptStart(row.attempts, cancel_requested=row.cancel_requested_at is not None)
+
+
+def _attempt_row(request: StartRequest, number: int) -> dict[str, Any]:
+    """The new attempt row of a start."""
+    return {
+        "job_id": request.job_id,
+        "number": number,
+        "worker_host": request.host,
+        "worker_pid": request.pid,
+        "worker_id": request.worker_id,
+        "started_at": request.requested_at,
+    }
 
 
 def _job(row: Any) -> Job:

@@ -6,7 +6,8 @@ recorded. Committed one by one, that is a transaction per write, each with its o
 and its own flush to disk (on SQLite, under the database's one write lock). Here a single
 writer thread per process takes every write that is waiting, applies them in one transaction
 (one statement per kind of write, for the whole batch), commits once, and wakes the threads
-that wait for them.
+that wait for them. A batch that is one statement is committed by it, without a transaction
+around it (see `GroupCommit`).
 
 No write waits for a timer: a write that arrives while a batch is being committed goes into
 the next one, so batches grow with load and a lone write is committed at once.
@@ -237,6 +238,10 @@ class GroupCommit:
     Parameters:
       connect: opens the writer's own connection, kept for as long as it works; ``begin()``
         on it must start a write transaction.
+      one_statement: kinds of write (their `Apply`) that take one statement per batch. A
+        batch of one such kind alone is committed by its statement (autocommit): one round
+        trip to the database instead of three (BEGIN, the statement, COMMIT). A statement is
+        atomic, so such a batch is still all or nothing.
 
     Batches are committed one at a time, in the order their writes were handed in: a write is
     never committed before one handed in earlier (the embedded broker's acks rely on it). One
@@ -250,8 +255,12 @@ class GroupCommit:
     alone: its batch is committed again without it.
     """
 
-    def __init__(self, connect: Callable[[], Connection]) -> None:
-        self._thread: BatchThread[_Write] = BatchThread("store-writer", lambda: _Writer(connect), max_batch=MAX_BATCH)
+    def __init__(
+        self, connect: Callable[[], Connection], *, one_statement: frozenset[Apply[Any, Any]] = frozenset()
+    ) -> None:
+        self._thread: BatchThread[_Write] = BatchThread(
+            "store-writer", lambda: _Writer(connect, one_statement), max_batch=MAX_BATCH
+        )
 
     def write(self, apply: Apply[T, R], item: T, *, patient: bool = True) -> R:
         """Commit one item with the next batch and return its result (see `submit`)."""
@@ -284,9 +293,11 @@ class GroupCommit:
 class _Writer:
     """The writer thread's connection, and how it commits a batch."""
 
-    def __init__(self, connect: Callable[[], Connection]) -> None:
+    def __init__(self, connect: Callable[[], Connection], one_statement: frozenset[Apply[Any, Any]]) -> None:
         self.connect = connect
+        self.one_statement = one_statement
         self.connection: Optional[Connection] = None
+        self.autocommit = False  # the connection's mode
 
     def __call__(self, batch: list[_Write]) -> None:
         self.commit(batch)
@@ -330,14 +341,24 @@ class _Writer:
         results: list[Any] = [None] * len(batch)
         if self.connection is None:
             self.connection = self.connect()
+        self._set_autocommit(len(kinds) == 1 and next(iter(kinds)) in self.one_statement)
+        # Under autocommit, begin() and its commit send nothing.
         with self.connection.begin():
             for apply, indexes in kinds.items():
                 for index, value in zip(indexes, apply(self.connection, [batch[i].item for i in indexes])):
                     results[index] = value
         return results
 
+    def _set_autocommit(self, autocommit: bool) -> None:
+        assert self.connection is not None
+        if autocommit != self.autocommit:
+            level = "AUTOCOMMIT" if autocommit else self.connection.default_isolation_level
+            self.connection.execution_options(isolation_level=level)
+            self.autocommit = autocommit
+
     def disconnect(self, *, broken: bool) -> None:
         connection, self.connection = self.connection, None
+        self.autocommit = False
         if connection is None:
             return
         if broken:

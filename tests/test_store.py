@@ -10,7 +10,7 @@ from sqlalchemy import update
 
 from engine.job import JobState, Outcome
 from engine.schema import workers
-from engine.store import AttemptStart, Store
+from engine.store import AttemptStart, StartRequest, Store
 
 DEAD_AFTER_S = 10
 
@@ -44,6 +44,22 @@ def test_a_job_running_under_a_live_worker_is_left_to_it(store, job):
     # a second delivery, e.g. after RabbitMQ closed the first consumer's channel
     assert start(store, job, "w2") == AttemptStart(None, running_elsewhere=True)
     assert [a.outcome for a in store.list_attempts(job)] == [None]  # still running, untouched
+
+
+def test_a_start_tried_again_after_it_was_committed_finds_itself_not_another_delivery(store, job):
+    store.heartbeat("w1", host="h", pid=1)
+    request = StartRequest(job, "h", 1, "w1", DEAD_AFTER_S, time.time())
+    with store.transaction() as connection:
+        assert store.start_attempts(connection, [request]) == [AttemptStart(1)]
+
+    # the same start again, as when the reply to its commit was lost: the same attempt, no new one
+    with store.transaction() as connection:
+        assert store.start_attempts(connection, [request]) == [AttemptStart(1)]
+    # another delivery to the same worker is not it
+    with store.transaction() as connection:
+        again = request._replace(requested_at=request.requested_at + 1)
+        assert store.start_attempts(connection, [again]) == [AttemptStart(None, running_elsewhere=True)]
+    assert [(a.number, a.started_at) for a in store.list_attempts(job)] == [(1, request.requested_at)]
 
 
 def test_a_job_whose_worker_went_silent_is_run_again_and_its_attempt_abandoned(store, job):

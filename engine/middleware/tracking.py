@@ -169,9 +169,11 @@ class Tracking(Middleware):
 
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
         request = StartRequest(
-            message.message_id, self.host, os.getpid(), self.heartbeat.worker_id, self.dead_after_s
+            message.message_id, self.host, os.getpid(), self.heartbeat.worker_id, self.dead_after_s, time.time()
         )
         start = self.store.writer.write(self.store.record_attempts, request)
+        if start.undecided:  # not queued: looked at again, on its own
+            start = self.store.writer.write(self.store.start_attempts, request)
         if start.running_elsewhere:
             logger.info("Job {} runs under a live worker; looking again in {} s.", message.message_id, self.dead_after_s)
             recheck = message.copy(options={**message.options, RECHECK_OPTION: True})

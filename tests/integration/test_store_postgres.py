@@ -1,5 +1,5 @@
-"""The store on PostgreSQL: the worker's batches stay key lookups whatever the planner was told;
-one process at a time leads a task.
+"""The store on PostgreSQL: the worker's batches stay key lookups whatever the planner was told,
+and a start whose commit was not confirmed is not lost; one process at a time leads a task.
 
 A worker's batch runs for every job, so a plan that walks a table or the state index costs
 time in proportion to the queue: these tests read PostgreSQL's own scan counters.
@@ -7,11 +7,16 @@ time in proportion to the queue: these tests read PostgreSQL's own scan counters
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 import pytest
 
+from sqlalchemy.exc import OperationalError
+
 from engine.job import JobState, Outcome
-from engine.store import AttemptEnd, StartRequest, Store
+from engine.store import AttemptEnd, AttemptStart, StartRequest, Store
+from engine.writer import GroupCommit
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +70,7 @@ def test_a_workers_batches_find_their_jobs_by_key_with_statistics_from_before_a_
     # statement from its fifth run on: both the planner's custom and generic plans are used)
     queued = [f"job-{n}" for n in range(JOBS - QUEUED + 1, JOBS - QUEUED + 41)]
     for job_id in queued:
-        start = store.writer.write(store.record_attempts, StartRequest(job_id, "host", 1, None, 60.0))
+        start = store.writer.write(store.record_attempts, StartRequest(job_id, "host", 1, None, 60.0, time.time()))
         assert start.number == 1
         store.writer.write(
             store.record_attempts, AttemptEnd.of(job_id, 1, Outcome.SUCCEEDED, state=JobState.SUCCEEDED)
@@ -75,6 +80,63 @@ def test_a_workers_batches_find_their_jobs_by_key_with_statistics_from_before_a_
     # then every job ran its one attempt, and no batch walked the queue or a table
     assert store.count_by_state()[JobState.SUCCEEDED] == JOBS - QUEUED + len(queued)
     assert scans(pg_url) == before
+
+
+def test_a_start_committed_by_a_batch_whose_reply_was_lost_runs_when_the_batch_is_tried_again(store):
+    store.record_enqueue(
+        dict(id="job-1", actor="echo", queue="default", args="[]", kwargs="{}", options="{}",
+             priority=0, idempotency_key=None, created_at=time.time(), scheduled_for=None),
+        delayed=False,
+    )  # fmt: skip
+    store.heartbeat("w1", host="h", pid=1)
+    lost = []
+
+    def reply_lost_once(connection, records):
+        """The writer's batch, committed by its statement; the first reply never comes back."""
+        results = store.record_attempts(connection, records)
+        if not lost:
+            lost.append(records)
+            raise OperationalError("the batch", {}, Exception("server closed the connection unexpectedly"))
+        return results
+
+    writer = GroupCommit(store.connect_for_writes, one_statement=frozenset([reply_lost_once]))
+    try:
+        # when a worker's start is committed, its reply lost, and the batch tried again
+        request = StartRequest("job-1", "h", 1, "w1", 60.0, time.time())
+        start = writer.write(reply_lost_once, request)
+        assert lost and start.undecided  # the job is `running` already: decided on its own
+        start = writer.write(store.start_attempts, request)
+    finally:
+        writer.close()
+
+    # then the worker runs it as the attempt that was committed, and no other
+    assert start == AttemptStart(1)
+    assert [(a.number, a.started_at) for a in store.list_attempts("job-1")] == [(1, request.requested_at)]
+
+
+def test_a_batch_of_a_one_statement_kind_is_committed_by_it_and_any_other_in_a_transaction(store):
+    with store.transaction() as connection:
+        connection.exec_driver_sql("CREATE TABLE notes (n int)")
+    seen = {}
+
+    def note(connection, items):
+        connection.exec_driver_sql("INSERT INTO notes SELECT unnest(%(n)s::int[])", {"n": items})
+        seen[len(seen)] = connection.connection.driver_connection.info.transaction_status
+        return items
+
+    def other(connection, items):
+        return note(connection, items)
+
+    writer = GroupCommit(store.connect_for_writes, one_statement=frozenset([note]))
+    try:
+        writer.write(note, 1)
+        pending = [writer.submit(note, 2), writer.submit(other, 3)]  # one batch of both, or two
+        assert [each.result() for each in pending] == [2, 3]
+    finally:
+        writer.close()
+
+    assert seen[0] == psycopg.pq.TransactionStatus.IDLE  # committed already: autocommit
+    assert seen[len(seen) - 1] == psycopg.pq.TransactionStatus.INTRANS
 
 
 def test_one_process_leads_until_its_connection_is_gone(store, pg_url):
