@@ -623,16 +623,17 @@ class _HoldingConsumer(_RabbitmqConsumer):
                 pass  # the consumer is gone with its connection: RabbitMQ delivers its messages again
 
     def _settle_soon(self, tag: int, ack: bool) -> None:
-        """Hand the settle to the consumer thread; the first of a batch wakes it."""
-        try:
-            self.known_tags.remove(tag)
-        except KeyError:  # delivered on a connection since lost: RabbitMQ delivers it again
-            self.logger.warning("Failed to settle message: not in known tags.")
-            if self.credit:
-                with self._lock:
-                    self._ended -= 1
-            return
+        """Hand the settle to the consumer thread; the first of a batch wakes it. The tag
+        leaves `known_tags` and joins the settles at once, under the lock that `_update`
+        takes: a tag is always in one or the other until it is sent."""
         with self._lock:
+            try:
+                self.known_tags.remove(tag)
+            except KeyError:  # delivered on a connection since lost: RabbitMQ delivers it again
+                self.logger.warning("Failed to settle message: not in known tags.")
+                if self.credit:
+                    self._ended -= 1
+                return
             self._settles.append((tag, ack))
             wake = self._wake_once()
         if wake:
@@ -662,9 +663,15 @@ class _HoldingConsumer(_RabbitmqConsumer):
             if self.credit:
                 self._ended -= len(settles)
             limit = self.prefetch + self._ended
+            # One ack for all when every message delivered before the last is settled.
+            highest = max(tag for tag, _ in settles) if settles else 0
+            ack_all = all(ack for _, ack in settles) and not any(tag < highest for tag in self.known_tags)
         if limit != self._granted:
             self.channel._impl.basic_qos(prefetch_count=limit, global_qos=True)
             self._granted = limit
+        if settles and ack_all:
+            self.channel._impl.basic_ack(highest, multiple=True)
+            return
         for tag, ack in settles:
             if ack:
                 self.channel._impl.basic_ack(tag)

@@ -616,6 +616,25 @@ def test_a_message_whose_job_ended_lends_its_prefetch_slot_until_it_is_settled(b
     consumer.close()
 
 
+def test_acks_of_later_messages_leave_an_earlier_unsettled_one_unacknowledged(brokers, queue, spy):
+    actor, _ = recorder(broker := brokers(), queue)
+    for n in range(4):
+        actor.send(n)
+    consumer = broker.consume(queue, prefetch=4, timeout=100)
+    first, *later = [wait_for(lambda: next(consumer), 5, "a delivery") for _ in range(4)]
+
+    # when every message but the first is acknowledged (the consumer sends the acks as one
+    # when it can) while the first one's job still runs
+    for message in reversed(later):
+        consumer.ack(message)
+    assert nothing_delivered(consumer)
+
+    # then the first is still the consumer's: it goes back to the queue when the consumer goes
+    consumer.close()
+    assert wait_for(lambda: spy(queue) == 1, 5, "the first message back in the queue")
+    assert [message.args[0] for message in (first, *later)] == [0, 1, 2, 3]
+
+
 def test_a_rabbitmq_that_refuses_a_channel_wide_prefetch_gets_a_fixed_one(brokers, queue, monkeypatch):
     # RabbitMQ 4 can deny global QoS (a deprecated feature); this RabbitMQ cannot, so the
     # refusal is raised where pika would raise it
