@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(default=600, gt=0, description="graceful stop before jobs are abandoned")
     prefetch: Optional[int] = Field(
         default=None, ge=1, description="messages a worker process holds per queue; default: its thread count"
+    )
+    pin_cpus: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="pin each worker process to one CPU, round-robin; auto: when there are at least as many as CPUs",
     )
 
     heartbeat_interval_s: float = Field(default=2.0, gt=0, description="how often a worker process says it lives")

@@ -47,6 +47,25 @@ MIN_RESTART_DELAY_S = 0.5
 MAX_RESTART_DELAY_S = 30.0
 
 
+def cpus_to_pin(mode: str, processes: int) -> Optional[list[int]]:
+    """The CPUs that worker processes are pinned to, one each, round-robin (``ENGINE_PIN_CPUS``);
+    None to leave them to the kernel's scheduler.
+
+    A worker's threads take turns under one GIL, and hand each job on from thread to thread
+    (consumer, worker, store writer). Spread over several CPUs, each hand-off wakes another
+    core; pinned to one, it does not: on the benchmark's 2-core VM, +20-30 % jobs per second
+    (+13-25 % for bare Dramatiq, pinned the same way). "auto" pins when there are at least as many processes as CPUs this
+    process may use, so that pinning leaves no CPU without a worker; with fewer, a process
+    whose jobs run C code in parallel threads (Pillow, numpy) may use several.
+    """
+    if mode == "off" or not hasattr(os, "sched_getaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if mode == "auto" and processes < len(cpus):
+        return None
+    return cpus
+
+
 def run_workers(settings: Settings, *, processes: int, threads: int, queues: Optional[list[str]] = None) -> int:
     """Run worker processes until SIGTERM or SIGINT; see `Supervisor`.
 
@@ -105,6 +124,7 @@ class Supervisor:
         if queues:
             self.command += ["--queues", ",".join(queues)]
         self.slots = [Slot(index) for index in range(processes)]
+        self.cpus = cpus_to_pin(settings.pin_cpus, processes)
         self.store = Store(settings.store_url)
         self.host = socket.gethostname()
         self.exit_code = 0
@@ -149,6 +169,8 @@ class Supervisor:
 
     def _start(self, slot: Slot) -> None:
         command = [*self.command, "--parent-pid", str(os.getpid())]
+        if self.cpus:
+            command += ["--cpu", str(self.cpus[slot.index % len(self.cpus)])]
         restarted = slot.started_at > 0
         slot.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
         slot.started_at, slot.start_at = time.monotonic(), None

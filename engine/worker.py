@@ -54,6 +54,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = _parse_args(argv)
     if args.parent_pid is not None and not _bind_to_parent(args.parent_pid):
         return EXIT_KILLED
+    if args.cpu is not None:
+        _pin_to(args.cpu)
     stop = _StopSignals(supervised=args.parent_pid is not None)
     try:
         settings = get_settings()
@@ -84,6 +86,7 @@ def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="worker threads (default: ENGINE_WORKER_THREADS)")
     parser.add_argument("--queues", type=_names, help="comma-separated queues (default: all)")
     parser.add_argument("--parent-pid", type=int, help="the supervisor's pid: exit when it dies")
+    parser.add_argument("--cpu", type=int, help="the CPU to run on (see engine.supervisor.cpus_to_pin)")
     return parser.parse_args(argv)
 
 
@@ -105,6 +108,14 @@ def _bind_to_parent(parent_pid: int) -> bool:
         if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     return os.getppid() == parent_pid
+
+
+def _pin_to(cpu: int) -> None:
+    """Run this process on `cpu` alone: called before any thread starts, so each inherits it."""
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError as error:  # the CPU was taken away since the supervisor looked (a cpuset change)
+        logger.warning("Could not pin the worker to CPU {} ({}); it runs unpinned.", cpu, error.strerror)
 
 
 def _config_error(message: str) -> int:

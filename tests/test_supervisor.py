@@ -24,6 +24,7 @@ import engine
 import engine.broker
 import engine.settings
 from engine import JobState
+from engine.supervisor import cpus_to_pin
 from engine.worker import EXIT_CONFIG, EXIT_KILLED
 from tests.support.processes import point_engine_at, wait_for
 
@@ -144,6 +145,31 @@ def test_a_job_runs_in_a_supervised_worker(start_supervisor, client):
     assert engine.result(job.id) == {"x": 1}
     [attempt] = engine.attempts(job.id)
     assert attempt.worker_pid in pids
+
+
+def cpus_of_threads(pid: int) -> list[int]:
+    """The CPUs that any thread of the process may run on."""
+    return sorted({cpu for thread in psutil.Process(pid).threads() for cpu in os.sched_getaffinity(thread.id)})
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_workers_are_pinned_to_one_cpu_each_round_robin_when_asked(start_supervisor, mode):
+    supervisor = start_supervisor(processes=2, ENGINE_PIN_CPUS=mode)
+    pids = supervisor.wait_ready(2)
+
+    cpus = sorted(os.sched_getaffinity(0))
+    affinities = sorted(cpus_of_threads(pid) for pid in pids)
+    if mode == "on":
+        assert affinities == sorted([cpus[index % len(cpus)]] for index in range(2))
+    else:
+        assert affinities == [cpus, cpus]
+
+
+def test_auto_pins_only_when_there_are_at_least_as_many_workers_as_cpus():
+    cpus = sorted(os.sched_getaffinity(0))
+    assert cpus_to_pin("auto", len(cpus)) == cpus
+    assert cpus_to_pin("auto", len(cpus) - 1) is None
+    assert cpus_to_pin("on", 1) == cpus and cpus_to_pin("off", 64) is None
 
 
 def test_a_killed_worker_is_replaced_while_its_sibling_keeps_running(start_supervisor):
