@@ -12,6 +12,8 @@ targets of issue 5 marked met or missed. See README.md, "Performance", for what 
 Variants:
   bare           ``dramatiq bench.actors_bare -p P -t T``: Dramatiq's own RabbitMQ broker and
                  default middleware.
+  bare-pinned    the same, each worker process pinned to one CPU from outside, as the engine's
+                 supervisor pins its own (``ENGINE_PIN_CPUS=auto``): the like-for-like baseline.
   engine-pg      ``engine worker -p P -t T``: RabbitMQ broker, PostgreSQL store, full tracking.
   engine-sqlite  ``engine worker -p P -t T``, embedded: SQLite store and SQLite broker, no RabbitMQ.
 
@@ -80,7 +82,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "--workdir", str(directory), "--probes", str(args.probes),
             "--probe-interval-ms", str(args.probe_interval_ms), "--out", str(directory / "results.json"),
         ]  # fmt: skip
-        if name in ("bare", "engine-pg"):
+        if name != "engine-sqlite":
             host = stack.enter_context(vhost(f"bench-{name}-{tag}"))
             command += ["--amqp-url", f"{args.amqp_url}/{host}", "--vhost", host]
         if name == "engine-pg":
@@ -187,9 +189,9 @@ def table(results: dict[str, dict[str, Any]], n: int) -> str:
 
 def ratios(results: dict[str, dict[str, Any]], n: int) -> str:
     lines = []
-    bare = results.get("bare")
+    bare, pinned = results.get("bare"), results.get("bare-pinned")
     for name, r in results.items():
-        if name == "bare":
+        if name.startswith("bare"):
             continue
         lines.append(f"{name} / bare:")
         if bare is not None:
@@ -201,6 +203,9 @@ def ratios(results: dict[str, dict[str, Any]], n: int) -> str:
             lines.append(f"  {'enqueue (actor.send)':<22} {ratio:5.2f} x   target >= {ENQUEUE_RATIO}: {_mark(ratio >= ENQUEUE_RATIO)}")
         else:
             lines.append("  (no bare run: ratios need --variants to include bare)")
+        if pinned is not None:
+            noop, io = (r[key]["rate"] / pinned[key]["rate"] for key in ("noop", "io_1ms"))
+            lines.append(f"  {'against bare-pinned':<22} no-op {noop:.2f} x, 1 ms I/O {io:.2f} x (both pinned)")
         p50, p99 = r["latency_ms"]["p50"], r["latency_ms"]["p99"]
         lines.append(
             f"  {'latency':<22} p50 {p50:.1f} ms (<= {LATENCY_P50_MS:.0f}: {_mark(p50 <= LATENCY_P50_MS)}), "

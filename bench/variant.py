@@ -33,7 +33,9 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -55,7 +57,10 @@ FAST_POLL_S = 0.005
 #: A drain that makes no progress for this long has failed.
 STALL_S = 90.0
 
-VARIANTS = ("bare", "engine-pg", "engine-sqlite")
+VARIANTS = ("bare", "bare-pinned", "engine-pg", "engine-sqlite")
+
+#: How long after its start a pinned variant's new threads are looked for and pinned.
+PIN_WATCH_S = 5.0
 
 
 # -- the variant --------------------------------------------------------------------------------
@@ -76,6 +81,12 @@ class Variant:
     @property
     def engine(self) -> bool:
         return self.name.startswith("engine")
+
+    @property
+    def pinned_from_outside(self) -> bool:
+        """Bare Dramatiq pinned as the engine's supervisor pins its workers (`ENGINE_PIN_CPUS`),
+        for a like-for-like comparison: Dramatiq itself does not pin."""
+        return self.name == "bare-pinned"
 
     @property
     def actor_module(self) -> str:
@@ -142,6 +153,20 @@ class Workers:
             self.process = subprocess.Popen(
                 command, env=self.env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
             )
+        if self.variant.pinned_from_outside:
+            threading.Thread(target=self._pin_while_booting, daemon=True).start()
+
+    def _pin_while_booting(self) -> None:
+        """Pin worker process i, every thread of it, to CPU i (round-robin), as the engine's
+        supervisor does; threads started later inherit it from those pinned."""
+        cpus = sorted(os.sched_getaffinity(0))
+        deadline = time.monotonic() + PIN_WATCH_S
+        while time.monotonic() < deadline:
+            for index, child in enumerate(sorted(self.children(), key=lambda child: child.pid)):
+                for thread in _threads(child):
+                    with suppress(OSError):
+                        os.sched_setaffinity(thread, {cpus[index % len(cpus)]})
+            time.sleep(0.005)
 
     def check(self) -> None:
         """Raise if the supervisor has exited."""
@@ -317,6 +342,13 @@ class CpuMeter:
         report["machine_busy_cores"] = round((after["machine"] - before["machine"]) / wall, 2)
         report["workers_cores"] = round((after["workers"] - before["workers"]) / wall, 2)
         return report
+
+
+def _threads(process: psutil.Process) -> list[int]:
+    try:
+        return [thread.id for thread in process.threads()]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def _cpu(process: psutil.Process) -> float:
