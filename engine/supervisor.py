@@ -52,8 +52,8 @@ def cpus_to_pin(mode: str, processes: int) -> Optional[list[int]]:
     None to leave them to the kernel's scheduler.
 
     A worker's threads take turns under one GIL, and hand each job on from thread to thread
-    (consumer, worker, store writer). Spread over several CPUs, each hand-off wakes another
-    core; pinned to one, it does not: on the benchmark's 2-core VM, +20-30 % jobs per second
+    (consumer, worker, store writer). Kept on one core, they no longer move between cores nor
+    wake each other across them: on the benchmark's 2-core VM, +20-30 % jobs per second
     (+13-25 % for bare Dramatiq, pinned the same way). "auto" pins when there are at least as many processes as CPUs this
     process may use, so that pinning leaves no CPU without a worker; with fewer, a process
     whose jobs run C code in parallel threads (Pillow, numpy) may use several.
