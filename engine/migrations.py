@@ -37,10 +37,15 @@ def _add_claim_order(connection: Connection) -> None:
     claim_order.create(connection)
 
 
+def _add_start_token(connection: Connection) -> None:
+    connection.execute(text("ALTER TABLE attempts ADD COLUMN start_token FLOAT"))
+
+
 #: Migrations from older schemas, oldest first. Version 1 is the first released schema.
 MIGRATIONS: list[Migration] = [
     Migration(2, "worker heartbeats and durable cancel requests", _add_liveness_and_cancellation),
     Migration(3, "the embedded broker's claim index", _add_claim_order),
+    Migration(4, "a token per attempt start", _add_start_token),
 ]
 
 LATEST = MIGRATIONS[-1].version if MIGRATIONS else 1

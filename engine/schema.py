@@ -80,6 +80,9 @@ attempts = Table(
     Column("error_type", String(200)),
     Column("error_message", Text),
     Column("traceback", Text),
+    # The worker's own mark of this start (`StartRequest.requested_at`): a batch tried again after
+    # its reply was lost finds its start committed by this, not as another worker's.
+    Column("start_token", Float),
     UniqueConstraint("job_id", "number", name="uq_attempts_job_number"),
 )
 

@@ -107,10 +107,10 @@ class AttemptStart(NamedTuple):
 class StartRequest(NamedTuple):
     """A delivered job to start, and the worker process that is to run it.
 
-    `requested_at` (``time.time()`` when the worker asked) becomes the attempt's
-    ``started_at``, and tells the start apart from any other of the job: a batch tried again
-    after its connection failed may find its own start committed by the first try, and must
-    not take it for another worker's (see `Store._start_running`).
+    `requested_at` (``time.time()`` when the worker asked), kept as the attempt's
+    ``start_token``, tells the start apart from any other of the job: a batch tried again after
+    its connection failed may find its own start committed by the first try, and must not take
+    it for another worker's (see `Store._start_running`).
     """
 
     job_id: str
@@ -321,8 +321,8 @@ WITH s AS (
     AND (jobs.state || '') IN ({_sql_states(TRANSITIONS[JobState.RUNNING])})
   RETURNING jobs.id, jobs.attempts, jobs.cancel_requested_at, s.host, s.pid, s.worker_id, s.requested_at
 ), opened AS (
-  INSERT INTO attempts (job_id, number, worker_host, worker_pid, worker_id, started_at)
-  SELECT id, attempts, host, pid, worker_id, requested_at FROM started
+  INSERT INTO attempts (job_id, number, worker_host, worker_pid, worker_id, started_at, start_token)
+  SELECT id, attempts, host, pid, worker_id, :now, requested_at FROM started
 ), e AS (
   SELECT * FROM {_recordset("e", _END_COLUMNS)}
 ), ended AS (
@@ -666,7 +666,7 @@ class Store:
                 starts.append(self._start_running(connection, request, now))
             else:
                 starts.append(_started(row))
-                rows.append(_attempt_row(request, row.attempts))
+                rows.append(_attempt_row(request, row.attempts, now))
         if rows:
             connection.execute(attempts.insert(), rows)
         return starts
@@ -677,7 +677,7 @@ class Store:
         found = connection.execute(
             select(
                 jobs.c.state, jobs.c.attempts, jobs.c.cancel_requested_at, workers.c.heartbeat_at, workers.c.stopped_at,
-                attempts.c.worker_id, attempts.c.started_at,
+                attempts.c.worker_id, attempts.c.start_token,
             )  # fmt: skip
             .select_from(
                 jobs.outerjoin(attempts, and_(attempts.c.job_id == jobs.c.id, open_attempt)).outerjoin(
@@ -689,7 +689,7 @@ class Store:
         if found is None or found.state != JobState.RUNNING:
             return AttemptStart(None)
         own = (request.worker_id, request.requested_at)
-        if request.worker_id is not None and (found.worker_id, found.started_at) == own:
+        if request.worker_id is not None and (found.worker_id, found.start_token) == own:
             return _started(found)  # this very start, committed by a try whose reply was lost
         alive = (
             found.heartbeat_at is not None
@@ -707,7 +707,7 @@ class Store:
         if number is None:  # another delivery took it over first: it runs there now
             return AttemptStart(None, running_elsewhere=True)
         self._close_open_attempts(connection, request.job_id, Outcome.ABANDONED, now)
-        connection.execute(attempts.insert(), [_attempt_row(request, number)])
+        connection.execute(attempts.insert(), [_attempt_row(request, number, now)])
         return AttemptStart(number, cancel_requested=found.cancel_requested_at is not None)
 
     def finish_attempt(self, job_id: str, number: int, outcome: Outcome, **fields: Any) -> None:
@@ -958,15 +958,16 @@ def _started(row: Any) -> AttemptStart:
     return AttemptStart(row.attempts, cancel_requested=row.cancel_requested_at is not None)
 
 
-def _attempt_row(request: StartRequest, number: int) -> dict[str, Any]:
-    """The new attempt row of a start."""
+def _attempt_row(request: StartRequest, number: int, now: float) -> dict[str, Any]:
+    """The new attempt row of a start, committed at `now`."""
     return {
         "job_id": request.job_id,
         "number": number,
         "worker_host": request.host,
         "worker_pid": request.pid,
         "worker_id": request.worker_id,
-        "started_at": request.requested_at,
+        "started_at": now,
+        "start_token": request.requested_at,
     }
 
 

@@ -59,7 +59,7 @@ def test_a_start_tried_again_after_it_was_committed_finds_itself_not_another_del
     with store.transaction() as connection:
         again = request._replace(requested_at=request.requested_at + 1)
         assert store.start_attempts(connection, [again]) == [AttemptStart(None, running_elsewhere=True)]
-    assert [(a.number, a.started_at) for a in store.list_attempts(job)] == [(1, request.requested_at)]
+    assert [a.number for a in store.list_attempts(job)] == [1]
 
 
 def test_a_job_whose_worker_went_silent_is_run_again_and_its_attempt_abandoned(store, job):

@@ -8,8 +8,8 @@ import sqlalchemy as sa
 from engine import migrations, schema
 from engine.store import Store
 
-#: Columns and tables that schema version 1 did not have.
-ADDED_IN_2 = {"attempts": "worker_id", "jobs": "cancel_requested_at"}
+#: Columns that schema version 1 did not have, by the version that added them.
+ADDED = {("attempts", "worker_id"): 2, ("jobs", "cancel_requested_at"): 2, ("attempts", "start_token"): 4}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -22,7 +22,7 @@ def store_url(request, tmp_path) -> str:
 def create_version_1(store: Store) -> None:
     old = sa.MetaData()
     for table in (schema.jobs, schema.attempts, schema.messages, schema.schema_version):
-        columns = [column._copy() for column in table.columns if ADDED_IN_2.get(table.name) != column.name]
+        columns = [column._copy() for column in table.columns if (table.name, column.name) not in ADDED]
         sa.Table(table.name, old, *columns)
     with store.transaction() as connection:
         old.create_all(connection)
@@ -35,7 +35,7 @@ def test_a_version_1_store_is_migrated_to_the_latest(store_url):
 
     assert store.upgrade() == 1
     inspector = sa.inspect(store.engine)
-    for table, column in ADDED_IN_2.items():
+    for table, column in ADDED:
         assert column in [c["name"] for c in inspector.get_columns(table)]
     assert inspector.has_table("workers")
     assert "ix_messages_claim" in [index["name"] for index in inspector.get_indexes("messages")]  # added in 3
