@@ -260,6 +260,7 @@ _NEW_JOB_COLUMNS = {
     "scheduled_for": "float8",
 }
 
+
 def _sql_states(states: frozenset[JobState]) -> str:
     """States as an SQL list, for the compare-and-sets of the writer's statements."""
     return ", ".join(f"'{state.value}'" for state in sorted(states))

@@ -664,12 +664,13 @@ class _HoldingConsumer(_RabbitmqConsumer):
                 self._ended -= len(settles)
             limit = self.prefetch + self._ended
             # One ack for all when every message delivered before the last is settled.
-            highest = max(tag for tag, _ in settles) if settles else 0
-            ack_all = all(ack for _, ack in settles) and not any(tag < highest for tag in self.known_tags)
+            highest = max((tag for tag, _ in settles), default=0)
+            unsettled_before = min(self.known_tags, default=highest) < highest
+            ack_all = bool(settles) and all(ack for _, ack in settles) and not unsettled_before
         if limit != self._granted:
             self.channel._impl.basic_qos(prefetch_count=limit, global_qos=True)
             self._granted = limit
-        if settles and ack_all:
+        if ack_all:
             self.channel._impl.basic_ack(highest, multiple=True)
             return
         for tag, ack in settles:

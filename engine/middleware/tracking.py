@@ -172,7 +172,7 @@ class Tracking(Middleware):
             message.message_id, self.host, os.getpid(), self.heartbeat.worker_id, self.dead_after_s, time.time()
         )
         start = self.store.writer.write(self.store.record_attempts, request)
-        if start.undecided:  # not queued: looked at again, on its own
+        if start.undecided:  # not queued, or ended in the same batch: decided on its own
             start = self.store.writer.write(self.store.start_attempts, request)
         if start.running_elsewhere:
             logger.info("Job {} runs under a live worker; looking again in {} s.", message.message_id, self.dead_after_s)
