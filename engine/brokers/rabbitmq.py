@@ -48,6 +48,7 @@ from ..middleware.tracking import Tracking, rows_in_flight, when_recorded
 from ..store import Store
 from .. import writer
 from ..writer import BatchThread, Pending, wait_all
+from .hooks import HookDispatch
 
 #: Delays longer than this (milliseconds) wait in the hold queue by default. It must stay below
 #: RabbitMQ's ``consumer_timeout`` (30 minutes unless configured), as a message due within it
@@ -124,7 +125,7 @@ def hq_name(queue_name: str) -> str:
     return q_name(queue_name) + ".HQ"
 
 
-class RabbitmqBroker(_DramatiqRabbitmqBroker):
+class RabbitmqBroker(HookDispatch, _DramatiqRabbitmqBroker):
     """Dramatiq's RabbitMQ broker with long delays that survive ``consumer_timeout``, a bounded
     connection pool for senders, and jobs never left `queued` without a message.
 

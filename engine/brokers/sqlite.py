@@ -37,6 +37,7 @@ from sqlalchemy.exc import OperationalError
 from ..schema import messages
 from ..store import Store
 from ..writer import Apply
+from .hooks import HookDispatch
 
 #: The longest an idle consumer sleeps without looking at its queue. It bounds how late an
 #: expired lease is noticed, and the cost of a lost wake-up.
@@ -46,7 +47,7 @@ POLL_INTERVAL = 1.0
 JOIN_INTERVAL = 0.05
 
 
-class SQLiteBroker(Broker):
+class SQLiteBroker(HookDispatch, Broker):
     """A broker whose queues live in the store's SQLite database.
 
     Messages are delivered by ``broker_priority`` (higher first, as with RabbitMQ), then by due
