@@ -17,7 +17,7 @@ from typing import Callable
 from loguru import logger
 from sqlalchemy import Connection, inspect, select, text
 
-from .schema import claim_order, metadata, schema_version, workers
+from .schema import claim_order, idempotency_keys, jobs, metadata, schema_version, workers
 
 
 @dataclass(frozen=True)
@@ -41,11 +41,24 @@ def _add_start_token(connection: Connection) -> None:
     connection.execute(text("ALTER TABLE attempts ADD COLUMN start_token FLOAT"))
 
 
+def _lighten_job_indexes(connection: Connection) -> None:
+    """Idempotency keys in a partial index, and no index on finished_at (see `engine.schema`).
+    SQLite cannot drop the unique constraint a table was created with: on a migrated SQLite
+    store it stays beside the new index, and costs an index entry per new job."""
+    idempotency_keys.create(connection)
+    connection.execute(text("DROP INDEX IF EXISTS ix_jobs_finished"))
+    if connection.dialect.name == "postgresql":
+        for constraint in inspect(connection).get_unique_constraints(jobs.name):
+            if constraint["column_names"] == ["idempotency_key"]:
+                connection.execute(text(f'ALTER TABLE jobs DROP CONSTRAINT "{constraint["name"]}"'))
+
+
 #: Migrations from older schemas, oldest first. Version 1 is the first released schema.
 MIGRATIONS: list[Migration] = [
     Migration(2, "worker heartbeats and durable cancel requests", _add_liveness_and_cancellation),
     Migration(3, "the embedded broker's claim index", _add_claim_order),
     Migration(4, "a token per attempt start", _add_start_token),
+    Migration(5, "lighter job indexes", _lighten_job_indexes),
 ]
 
 LATEST = MIGRATIONS[-1].version if MIGRATIONS else 1

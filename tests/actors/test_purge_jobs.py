@@ -38,10 +38,10 @@ def finished_jobs(stub_broker, wait_done):
 
 
 def backdate(store, job_ids, days):
+    """As if the jobs had been sent and had ended `days` ago."""
+    then = time.time() - days * DAY
     with store.transaction() as connection:
-        connection.execute(
-            update(jobs).where(jobs.c.id.in_(job_ids)).values(finished_at=time.time() - days * DAY)
-        )
+        connection.execute(update(jobs).where(jobs.c.id.in_(job_ids)).values(created_at=then, finished_at=then))
 
 
 def count_attempts(store, job_ids):

@@ -6,6 +6,7 @@ import pytest
 import sqlalchemy as sa
 
 from engine import migrations, schema
+from engine.errors import DuplicateJob
 from engine.store import Store
 
 #: Columns that schema version 1 did not have, by the version that added them.
@@ -24,6 +25,9 @@ def create_version_1(store: Store) -> None:
     for table in (schema.jobs, schema.attempts, schema.messages, schema.schema_version):
         columns = [column._copy() for column in table.columns if (table.name, column.name) not in ADDED]
         sa.Table(table.name, old, *columns)
+    # The job indexes that version 5 replaced: a unique constraint on every row's key, and finished_at.
+    old.tables["jobs"].c.idempotency_key.unique = True
+    sa.Index("ix_jobs_finished", old.tables["jobs"].c.finished_at)
     with store.transaction() as connection:
         old.create_all(connection)
         connection.execute(schema.schema_version.insert().values(version=1))
@@ -48,4 +52,31 @@ def test_a_new_store_is_created_at_the_latest_version(store_url):
 
     assert store.upgrade() == 0
     assert store.upgrade() == migrations.LATEST
+    store.close()
+
+
+def job_row(job_id: str, key=None) -> dict:
+    return dict(
+        id=job_id, actor="echo", queue="default", args="[]", kwargs="{}", options="{}",
+        priority=0, idempotency_key=key, created_at=0.0, scheduled_for=None,
+    )  # fmt: skip
+
+
+def test_after_version_5_idempotency_keys_stay_unique_in_a_partial_index(store_url):
+    store = Store(store_url)
+    create_version_1(store)
+
+    store.upgrade()
+
+    inspector = sa.inspect(store.engine)
+    indexes = {index["name"] for index in inspector.get_indexes("jobs")}
+    assert "uq_jobs_idempotency_key" in indexes and "ix_jobs_finished" not in indexes
+    if store.engine.dialect.name == "postgresql":  # SQLite keeps the table's own constraint
+        assert inspector.get_unique_constraints("jobs") == []
+    store.record_enqueue(job_row("a", key="k"), delayed=False)
+    store.record_enqueue(job_row("b"), delayed=False)
+    store.record_enqueue(job_row("c"), delayed=False)  # jobs without a key do not collide
+    with pytest.raises(DuplicateJob):
+        store.record_enqueue(job_row("d", key="k"), delayed=False)
+    assert store.find_by_idempotency_key("k").id == "a"
     store.close()
