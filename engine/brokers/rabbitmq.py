@@ -67,9 +67,14 @@ DEFAULT_POOL_SIZE = 8
 SEND_TIMEOUT = 3.0
 RETRY_DELAY = 0.25
 
-#: How often (milliseconds) a worker looks for delayed messages that have fallen due: they
-#: start at most this late (Dramatiq looks once per worker timeout, a second).
-DELAY_TICK_MS = 100
+#: How often (milliseconds) an idle consumer looks for delayed messages that have fallen due
+#: (they start at most this late; Dramatiq looks once per worker timeout, a second) and for
+#: messages it has held too long.
+TICK_MS = 100
+
+#: How long (seconds) a worker process holds a message that none of its threads is free to run
+#: before it gives it back to RabbitMQ, for another process (see `_HoldingConsumer`).
+HAND_BACK_AFTER_S = 0.25
 
 #: Jobs sent without waiting (see `_Sender`): how many may wait to be sent, how many the sender
 #: takes at a time, how many may wait for RabbitMQ's confirm, how often (seconds) the sender
@@ -519,26 +524,30 @@ class RabbitmqBroker(HookDispatch, _DramatiqRabbitmqBroker):
 
 
 class _HoldingConsumer(_RabbitmqConsumer):
-    """Dramatiq's consumer, which on a delay queue sends a message not due within the hold time
-    back to the hold queue, rather than holding it unacknowledged for longer than RabbitMQ
-    allows. It then returns None, which Dramatiq's consumer thread takes for an idle tick.
+    """Dramatiq's consumer, which holds the next messages for its worker threads, and on a
+    delay queue sends a message not due within the hold time back to the hold queue, rather than
+    holding it unacknowledged for longer than RabbitMQ allows.
 
-    On a delay queue it also ticks every `DELAY_TICK_MS` when idle rather than every worker
-    timeout (a second): the consumer thread looks for due messages at each tick.
+    When it has nothing for Dramatiq's consumer thread, it returns None, which the thread takes
+    for an idle tick. It ticks every `TICK_MS` when idle rather than every worker timeout (a
+    second): the consumer thread looks for due messages at each tick, and this consumer for
+    messages held too long.
+
+    Held messages (main queues): Dramatiq is given at most `prefetch` messages at a time (one
+    per worker thread, see `engine.worker`), and RabbitMQ delivers as many again, which this
+    consumer holds. A thread that ends its job frees its slot at once (its message is still
+    unacknowledged while its end is committed), and the next held message goes to the work
+    queue from that thread, without a round trip to RabbitMQ. A message held longer than
+    `HAND_BACK_AFTER_S` goes back to its queue (a requeue, to its place at the head), for
+    another process whose threads are free: a short job waits that long at most behind long
+    ones in a busy process. The channel's limit is then lowered to what the consumer has, so
+    that RabbitMQ does not send it straight back, and raised again once a thread is free with
+    nothing held. Under a steady load of short jobs the limit never changes.
 
     Settles (acks and nacks) are sent in batches: the writer thread commits the ends of many
     jobs at once, and their settles go to the consumer thread together, as one callback that
     writes them all to the socket at once (Dramatiq's consumer wakes the thread, and writes to
     the socket, once per message).
-
-    Prefetch credit: a message whose job has ended still counts against the prefetch until its
-    settle is sent, which waits for its end to be committed. Meanwhile its worker thread is
-    free, and with a prefetch of one message per thread it would sit idle. So the prefetch is
-    raised by one for each such message and lowered again when it is settled: this process
-    never holds more messages than it has threads to run them (a short job does not wait behind
-    a long one here), yet a free thread gets its next message while the last one's end commits.
-    This needs a limit that RabbitMQ applies to a consumer while it consumes, its channel-wide
-    (``global``) one; quorum queues have no such limit, and there the prefetch stays fixed.
     """
 
     broker: RabbitmqBroker
@@ -546,19 +555,25 @@ class _HoldingConsumer(_RabbitmqConsumer):
     def __init__(self, broker: RabbitmqBroker, queue_name: str, prefetch: int, timeout: int) -> None:
         self.delayed = queue_name.endswith(".DQ")
         self.unsettled: set[Pending[None]] = set()
-        self.credit = not self.delayed and not broker.quorum_queues
         self.prefetch = prefetch
-        self._granted = prefetch  # the limit RabbitMQ was last told
-        self._ended = 0  # messages whose job ended and whose settle has not been sent
+        self._given = 0  # messages given to Dramatiq and not settled yet (main queues)
+        self._held: deque[tuple[Any, float]] = deque()  # (message, when it came), oldest first
         self._settles: list[tuple[int, bool]] = []  # (delivery tag, ack?) for the consumer thread
         self._update_pending = False  # a callback to the consumer thread is on its way
         self._lock = threading.Lock()
-        # Dramatiq's consumer limits its consumer alone; with credit, the channel's limit
-        # does it. The limit must be in place before the first read subscribes.
-        super().__init__(
-            broker, queue_name, 0 if self.credit else prefetch, min(timeout, DELAY_TICK_MS) if self.delayed else timeout
-        )
-        if self.credit:
+        # The ConsumerThread this consumer feeds, to hand it held messages from other threads.
+        thread = threading.current_thread()
+        self._consumer_thread = thread if isinstance(thread, ConsumerThread) else None
+        # Holding needs a limit that RabbitMQ applies to a consumer while it consumes, its
+        # channel-wide (``global``) one: it is lowered when messages are handed back, lest they
+        # come straight back. Quorum queues have no such limit, nor delay queues a need for it.
+        self.holds = not self.delayed and not broker.quorum_queues
+        self._limited = False  # the limit is lowered (see `_hand_back_stale`)
+        self._restore = False  # the consumer thread is to raise it again
+        # Dramatiq's consumer limits its consumer alone; when holding, the channel's limit does
+        # it. The limit must be in place before the first read subscribes.
+        super().__init__(broker, queue_name, 0 if self.holds else prefetch, min(timeout, TICK_MS))
+        if self.holds:
             try:
                 self._limit_channel(queue_name, timeout)
             except _AMQP_ERRORS as error:
@@ -567,19 +582,27 @@ class _HoldingConsumer(_RabbitmqConsumer):
     def _limit_channel(self, queue_name: str, timeout: int) -> None:
         """Set the channel-wide limit, or, on a RabbitMQ that refuses it (global QoS is a
         deprecated feature from RabbitMQ 4.0 on, which a server can deny), consume on a new
-        channel with Dramatiq's fixed limit per consumer."""
+        channel with Dramatiq's fixed limit per consumer, holding nothing."""
         try:
-            self.channel.basic_qos(prefetch_count=self.prefetch, global_qos=True)
+            self.channel.basic_qos(prefetch_count=2 * self.prefetch, global_qos=True)
         except pika.exceptions.ChannelClosedByBroker as refused:
-            self.logger.warning("RabbitMQ refused a channel-wide prefetch (%s): the prefetch stays fixed.", refused)
-            self.credit = False
+            self.logger.warning("RabbitMQ refused a channel-wide prefetch (%s): no message is held.", refused)
+            self.holds = False
             self.channel = self.connection.channel()
             self.channel.basic_qos(prefetch_count=self.prefetch)
-            self.iterator = self.channel.consume(queue_name, inactivity_timeout=timeout / 1000)
+            self.iterator = self.channel.consume(queue_name, inactivity_timeout=min(timeout, TICK_MS) / 1000)
 
     def __next__(self) -> Any:
+        self._hand_back_stale()
+        message = self._take_held()
+        if message is not None:
+            return message
         message = super().__next__()
-        if message is None or not self.delayed:
+        if message is None:
+            return None
+        if self.holds:
+            return self._give_or_hold(message)
+        if not self.delayed:
             return message
         eta = message.options.get("eta")
         due_in = eta - current_millis() if isinstance(eta, (int, float)) else 0
@@ -596,6 +619,52 @@ class _HoldingConsumer(_RabbitmqConsumer):
             raise ConnectionClosed(error) from None
         return None
 
+    def _give_or_hold(self, message: Any) -> Any:
+        """The message for Dramatiq if one of its slots is free, else None (it is held)."""
+        with self._lock:
+            if self._given < self.prefetch:
+                self._given += 1
+                message.given_by = self
+                return message
+            self._held.append((message, time.monotonic()))
+            return None
+
+    def _take_held(self) -> Any:
+        """The oldest held message if a slot is free (it then takes the slot), else None."""
+        if not self._held:  # read without the lock: an append it misses is taken at the next call
+            return None
+        with self._lock:
+            if not self._held or self._given >= self.prefetch:
+                return None
+            self._given += 1
+            message, _ = self._held.popleft()
+        message.given_by = self
+        return message
+
+    def _hand_back_stale(self) -> None:
+        """On the consumer thread: requeue the messages held for longer than `HAND_BACK_AFTER_S`."""
+        if not self._held:
+            return
+        cutoff = time.monotonic() - HAND_BACK_AFTER_S
+        stale = []
+        with self._lock:
+            while self._held and self._held[0][1] < cutoff:
+                message, _ = self._held.popleft()
+                self.known_tags.discard(message._tag)
+                stale.append(message)
+            if stale:
+                # No more deliveries until a message is settled: they would be held again.
+                limit, self._limited = max(len(self.known_tags), 1), True
+        if not stale:
+            return
+        try:
+            for message in stale:
+                self.logger.debug("Message %r waited behind busy threads: back to its queue.", message.message_id)
+                self.channel.basic_nack(message._tag, requeue=True)
+            self.channel.basic_qos(prefetch_count=limit, global_qos=True)
+        except _AMQP_ERRORS as error:
+            raise ConnectionClosed(error) from None
+
     def ack(self, message: Any) -> None:
         self._settle_when_recorded(message, ack=True)
 
@@ -604,24 +673,31 @@ class _HoldingConsumer(_RabbitmqConsumer):
 
     def _settle_when_recorded(self, message: Any, *, ack: bool) -> None:
         """Settle once the end of the message's job is committed to the store (`when_recorded`):
-        the worker thread does not wait for it, and its prefetch slot is lent out meanwhile."""
-        if self.credit:
-            self._lend_slot()
+        the worker thread does not wait for it, and its slot goes to the next held message."""
+        self._free_slot(message)
         recorded = when_recorded(message, lambda: self._settle_soon(message._tag, ack))
         if recorded is not None:
             self.unsettled.add(recorded)
             recorded.add_done_callback(self.unsettled.discard)
 
-    def _lend_slot(self) -> None:
-        """A worker thread is free: raise the limit by one for its next message."""
+    def _free_slot(self, message: Any) -> None:
+        """The message's thread is free: give it the next held message, if there is one."""
+        if getattr(message, "given_by", None) is not self:
+            return  # delivered on a delay queue, or to this consumer's predecessor
+        message.given_by = None
         with self._lock:
-            self._ended += 1
-            wake = self._wake_once()
-        if wake:
-            try:
-                self._call_on_consumer_thread()
-            except ConnectionClosed:
-                pass  # the consumer is gone with its connection: RabbitMQ delivers its messages again
+            self._given -= 1
+            # A thread free with nothing held: the process is not busy any more.
+            restore = self._limited and not self._held
+            if restore:
+                self._limited, self._restore = False, True
+        if restore:
+            self._wake_consumer_thread()
+        if self._consumer_thread is None:
+            return  # the next read takes it
+        held = self._take_held()
+        if held is not None:
+            self._consumer_thread.handle_message(held)
 
     def _settle_soon(self, tag: int, ack: bool) -> None:
         """Hand the settle to the consumer thread; the first of a batch wakes it. The tag
@@ -632,45 +708,35 @@ class _HoldingConsumer(_RabbitmqConsumer):
                 self.known_tags.remove(tag)
             except KeyError:  # delivered on a connection since lost: RabbitMQ delivers it again
                 self.logger.warning("Failed to settle message: not in known tags.")
-                if self.credit:
-                    self._ended -= 1
                 return
             self._settles.append((tag, ack))
-            wake = self._wake_once()
+        self._wake_consumer_thread()
+
+    def _wake_consumer_thread(self) -> None:
+        """Have the consumer thread run `_update`, unless it is on its way already."""
+        with self._lock:
+            wake, self._update_pending = not self._update_pending, True
         if wake:
-            self._call_on_consumer_thread()
-
-    def _wake_once(self) -> bool:
-        """Under the lock: whether the caller must wake the consumer thread (no wake-up is
-        on its way yet)."""
-        wake, self._update_pending = not self._update_pending, True
-        return wake
-
-    def _call_on_consumer_thread(self) -> None:
-        try:
-            self.connection.add_callback_threadsafe(self._update)
-        except _AMQP_ERRORS as error:
-            raise ConnectionClosed(error) from None
+            try:
+                self.connection.add_callback_threadsafe(self._update)
+            except _AMQP_ERRORS as error:
+                raise ConnectionClosed(error) from None
 
     def _update(self) -> None:
-        """On the consumer thread: the prefetch limit, then the settles waiting. pika's
-        BlockingChannel would flush the socket after each and wait for the limit's reply; its
-        underlying channel buffers them, and the consumer's I/O loop writes them out together
-        at its next turn. The limit goes first, so that the slots the settles free are not
-        filled beyond it."""
+        """On the consumer thread: the limit raised again if asked, then the settles waiting.
+        pika's BlockingChannel would flush the socket after each and wait for the limit's
+        reply; its underlying channel buffers them, and the consumer's I/O loop writes them out
+        together at its next turn."""
         with self._lock:
             settles, self._settles = self._settles, []
             self._update_pending = False
-            if self.credit:
-                self._ended -= len(settles)
-            limit = self.prefetch + self._ended
+            restore, self._restore = self._restore, False
             # One ack for all when every message delivered before the last is settled.
             highest = max((tag for tag, _ in settles), default=0)
             unsettled_before = min(self.known_tags, default=highest) < highest
             ack_all = bool(settles) and all(ack for _, ack in settles) and not unsettled_before
-        if limit != self._granted:
-            self.channel._impl.basic_qos(prefetch_count=limit, global_qos=True)
-            self._granted = limit
+        if restore:
+            self.channel._impl.basic_qos(prefetch_count=2 * self.prefetch, global_qos=True)
         if ack_all:
             self.channel._impl.basic_ack(highest, multiple=True)
             return
@@ -685,6 +751,8 @@ class _HoldingConsumer(_RabbitmqConsumer):
         recorded are settled. Dramatiq's leaves the connection open when the channel is closed
         already, which is how RabbitMQ cuts off a consumer (e.g. on ``consumer_timeout``): each
         restart of the consumer would leak a connection."""
+        with self._lock:
+            self._held.clear()  # unacknowledged: RabbitMQ delivers them again, elsewhere
         wait_all(list(self.unsettled), timeout=SETTLE_TIMEOUT)
         try:
             super().close()

@@ -28,7 +28,7 @@ import engine.broker
 from engine import BrokerUnavailable, JobsNotSent, JobState
 from engine.broker import build_broker
 from engine.brokers import RabbitmqBroker
-from engine.brokers.rabbitmq import SOCKET_TIMEOUT, sending_now
+from engine.brokers.rabbitmq import HAND_BACK_AFTER_S, SOCKET_TIMEOUT, sending_now
 from engine.middleware import Tracking
 from engine.settings import Settings
 from engine.store import Store
@@ -91,8 +91,9 @@ def workers() -> Iterator[Callable[..., Worker]]:
     """Starts in-process Dramatiq workers (`start(broker, queue)`); stops them after the test."""
     started: list[Worker] = []
 
-    def start(broker: RabbitmqBroker, queue: str, threads: int = 1) -> Worker:
+    def start(broker: RabbitmqBroker, queue: str, threads: int = 1, prefetch: int | None = None) -> Worker:
         worker = Worker(broker, queues={queue}, worker_threads=threads)
+        worker.queue_prefetch = prefetch or worker.queue_prefetch
         worker.start()
         started.append(worker)
         wait_for(lambda: consuming(worker, queue), 10, "the worker's consumers")
@@ -575,20 +576,15 @@ def test_queue_depths_of_a_queue_rabbitmq_does_not_have_yet_are_zero(brokers, qu
     assert broker.queue_depths() == {queue: {"ready": 0, "delayed": 0, "dead": 0}}
 
 
-# -- prefetch credit ---------------------------------------------------------------------------
+# -- held messages -----------------------------------------------------------------------------
 
 
-def first_ends_while_recorded(broker: RabbitmqBroker, queue: str, messages: int):
-    """Send `messages` jobs, consume with a prefetch of one, and end the first one's job with
-    its end still being recorded. Returns the consumer and the first message."""
+def consume_three(broker: RabbitmqBroker, queue: str, prefetch: int = 1):
+    """Send three jobs and consume them with `prefetch`; returns the consumer."""
     actor, _ = recorder(broker, queue)
-    for n in range(messages):
+    for n in range(3):
         actor.send(n)
-    consumer = broker.consume(queue, prefetch=1, timeout=100)
-    first = wait_for(lambda: next(consumer), 5, "a delivery")
-    first.end_recorded = Pending()
-    consumer.ack(first)
-    return consumer, first
+    return broker.consume(queue, prefetch=prefetch, timeout=100)
 
 
 def nothing_delivered(consumer) -> bool:
@@ -596,23 +592,79 @@ def nothing_delivered(consumer) -> bool:
     return [next(consumer) for _ in range(3)] == [None] * 3
 
 
-def test_a_message_whose_job_ended_lends_its_prefetch_slot_until_it_is_settled(brokers, queue):
-    # when a job has ended and its end is still being recorded
-    consumer, first = first_ends_while_recorded(brokers(), queue, messages=3)
+def test_a_consumer_holds_as_many_messages_again_and_gives_one_as_a_slot_frees(brokers, queue, spy):
+    consumer = consume_three(brokers(), queue)
+    first = wait_for(lambda: next(consumer), 5, "a delivery")
 
-    # then one more message comes for the thread it freed, and no other
-    second = wait_for(lambda: next(consumer), 5, "a second delivery")
+    # given the one slot taken, the second message is held, and the third left in the queue
+    assert nothing_delivered(consumer)
+    assert spy(queue) == 1
+
+    # when the first job ends, its end still being recorded (its message unacknowledged)
+    first.end_recorded = Pending()
+    consumer.ack(first)
+
+    # then its slot goes to the held second message at once, and no other comes
+    second = next(consumer)
+    assert second is not None
     assert nothing_delivered(consumer)
 
-    # once the first is settled, the slot is the second's alone: still no third
+    # and once the first is acknowledged, the third comes to be held
     first.end_recorded.set_result(None)
-    assert nothing_delivered(consumer)
-
-    # and the second's end frees it for the third
+    wait_for(lambda: next(consumer) is None and spy(queue) == 0, 5, "the third message delivered")
     consumer.ack(second)
-    third = wait_for(lambda: next(consumer), 5, "the third delivery")
-    assert sorted(message.args[0] for message in (first, second, third)) == [0, 1, 2]
+    third = wait_for(lambda: next(consumer), 5, "the third message")
+    assert [message.args[0] for message in (first, second, third)] == [0, 1, 2]
     consumer.ack(third)
+    consumer.close()
+
+
+def test_a_message_held_behind_a_busy_thread_goes_back_to_its_queue(brokers, queue, spy):
+    consumer = consume_three(broker := brokers(), queue)
+    first = wait_for(lambda: next(consumer), 5, "a delivery")
+
+    # when the first job runs on and on, the second message held behind it
+    wait_for(lambda: spy(queue) == 1, 5, "the second message delivered")
+
+    # then it goes back to the queue (with the third) within the hand-back time and a tick
+    started = time.monotonic()
+    wait_for(lambda: next(consumer) is None and spy(queue) == 2, 5, "the held message back in the queue")
+    assert time.monotonic() - started < HAND_BACK_AFTER_S + 0.3
+
+    # and a consumer with a free slot gets it, in its place before the third
+    other = broker.consume(queue, prefetch=2, timeout=100)
+    taken = [wait_for(lambda: next(other), 5, "a delivery") for _ in range(2)]
+    assert [message.args[0] for message in taken] == [1, 2]
+    for message in taken:
+        other.ack(message)
+    consumer.ack(first)
+    other.close()
+    consumer.close()
+
+
+def test_a_rabbitmq_that_refuses_a_channel_wide_prefetch_gets_a_fixed_one(brokers, queue, monkeypatch, spy):
+    # RabbitMQ 4 can deny global QoS (a deprecated feature); this RabbitMQ cannot, so the
+    # refusal is raised where pika would raise it
+    basic_qos = BlockingChannel.basic_qos
+
+    def refuse_global(channel, *args, global_qos=False, **kwargs):
+        if global_qos:
+            raise pika.exceptions.ChannelClosedByBroker(540, "NOT_IMPLEMENTED - global QoS is denied")
+        return basic_qos(channel, *args, global_qos=global_qos, **kwargs)
+
+    monkeypatch.setattr(BlockingChannel, "basic_qos", refuse_global)
+    consumer = consume_three(brokers(), queue)
+    first = wait_for(lambda: next(consumer), 5, "a delivery")
+
+    # then nothing is held, and a slot stays taken until its message is settled
+    assert nothing_delivered(consumer)
+    assert spy(queue) == 2
+    first.end_recorded = Pending()
+    consumer.ack(first)
+    assert nothing_delivered(consumer)
+    first.end_recorded.set_result(None)
+    second = wait_for(lambda: next(consumer), 5, "the second delivery")
+    consumer.ack(second)
     consumer.close()
 
 
@@ -635,27 +687,25 @@ def test_acks_of_later_messages_leave_an_earlier_unsettled_one_unacknowledged(br
     assert [message.args[0] for message in (first, *later)] == [0, 1, 2, 3]
 
 
-def test_a_rabbitmq_that_refuses_a_channel_wide_prefetch_gets_a_fixed_one(brokers, queue, monkeypatch):
-    # RabbitMQ 4 can deny global QoS (a deprecated feature); this RabbitMQ cannot, so the
-    # refusal is raised where pika would raise it
-    basic_qos = BlockingChannel.basic_qos
+def test_a_worker_thread_that_ends_its_job_runs_the_held_message_next(brokers, workers, queue):
+    broker = brokers()
+    runs: list[tuple[int, float]] = []
 
-    def refuse_global(channel, *args, global_qos=False, **kwargs):
-        if global_qos:
-            raise pika.exceptions.ChannelClosedByBroker(540, "NOT_IMPLEMENTED - global QoS is denied")
-        return basic_qos(channel, *args, global_qos=global_qos, **kwargs)
+    @dramatiq.actor(broker=broker, queue_name=queue, actor_name=f"sleeper_{queue}")
+    def sleeper(n: int, seconds: float) -> None:
+        runs.append((n, time.monotonic()))
+        time.sleep(seconds)
 
-    monkeypatch.setattr(BlockingChannel, "basic_qos", refuse_global)
+    workers(broker, queue, prefetch=1)  # one thread, as engine.worker sets it: one message held
+    # when a job that runs for less than the hand-back time is followed by another
+    sleeper.send(0, 0.12)  # ends between two of the consumer thread's idle ticks, 0.1 s apart
+    sleeper.send(1, 0)
+    wait_for(lambda: len(runs) == 2, 5, "both jobs to run")
 
-    # when a job has ended and its end is still being recorded
-    consumer, first = first_ends_while_recorded(brokers(), queue, messages=2)
-
-    # then its slot stays taken until it is settled, and consuming goes on
-    assert nothing_delivered(consumer)
-    first.end_recorded.set_result(None)
-    second = wait_for(lambda: next(consumer), 5, "the second delivery")
-    consumer.ack(second)
-    consumer.close()
+    # then the second, held meanwhile, runs as soon as the first ends, handed over by the
+    # thread that ran the first, not at the consumer thread's next idle tick
+    assert [n for n, _ in runs] == [0, 1]
+    assert runs[1][1] - runs[0][1] < 0.12 + 0.04
 
 
 # -- quorum queues -----------------------------------------------------------------------------
