@@ -593,10 +593,10 @@ class _HoldingConsumer(_RabbitmqConsumer):
             self.iterator = self.channel.consume(queue_name, inactivity_timeout=min(timeout, TICK_MS) / 1000)
 
     def __next__(self) -> Any:
-        self._hand_back_stale()
         message = self._take_held()
         if message is not None:
             return message
+        self._hand_back_stale()
         message = super().__next__()
         if message is None:
             return None
