@@ -69,7 +69,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     broker.emit_after("process_boot")
     worker = Worker(broker, queues=args.queues, worker_threads=args.threads or settings.worker_threads)
     # One message per thread, not Dramatiq's two: a short job must not wait behind a long one in a
-    # busy process. The RabbitMQ consumer holds as many again, handed to a thread as soon as it
+    # busy process. The RabbitMQ consumer holds twice as many more, handed to a thread as soon as it
     # is free and back to RabbitMQ if none is free soon (see `_HoldingConsumer`).
     worker.queue_prefetch = settings.prefetch or worker.worker_threads
     worker.start()

@@ -28,7 +28,8 @@ import engine.broker
 from engine import BrokerUnavailable, JobsNotSent, JobState
 from engine.broker import build_broker
 from engine.brokers import RabbitmqBroker
-from engine.brokers.rabbitmq import HAND_BACK_AFTER_S, SOCKET_TIMEOUT, sending_now
+from engine.brokers import rabbitmq
+from engine.brokers.rabbitmq import HAND_BACK_AFTER_S, HELD_PER_SLOT, SOCKET_TIMEOUT, sending_now
 from engine.middleware import Tracking
 from engine.settings import Settings
 from engine.store import Store
@@ -579,12 +580,12 @@ def test_queue_depths_of_a_queue_rabbitmq_does_not_have_yet_are_zero(brokers, qu
 # -- held messages -----------------------------------------------------------------------------
 
 
-def consume_three(broker: RabbitmqBroker, queue: str, prefetch: int = 1):
-    """Send three jobs and consume them with `prefetch`; returns the consumer."""
+def consume_jobs(broker: RabbitmqBroker, queue: str, jobs: int):
+    """Send `jobs` jobs and consume them with a prefetch of one; returns the consumer."""
     actor, _ = recorder(broker, queue)
-    for n in range(3):
+    for n in range(jobs):
         actor.send(n)
-    return broker.consume(queue, prefetch=prefetch, timeout=100)
+    return broker.consume(queue, prefetch=1, timeout=100)
 
 
 def nothing_delivered(consumer) -> bool:
@@ -592,11 +593,12 @@ def nothing_delivered(consumer) -> bool:
     return [next(consumer) for _ in range(3)] == [None] * 3
 
 
-def test_a_consumer_holds_as_many_messages_again_and_gives_one_as_a_slot_frees(brokers, queue, spy):
-    consumer = consume_three(brokers(), queue)
+def test_a_consumer_holds_more_messages_and_gives_one_as_a_slot_frees(brokers, queue, spy, monkeypatch):
+    monkeypatch.setattr(rabbitmq, "HAND_BACK_AFTER_S", 60.0)  # none is handed back here
+    consumer = consume_jobs(brokers(), queue, HELD_PER_SLOT + 2)
     first = wait_for(lambda: next(consumer), 5, "a delivery")
 
-    # given the one slot taken, the second message is held, and the third left in the queue
+    # given the one slot taken, the next messages are held, and the last left in the queue
     assert nothing_delivered(consumer)
     assert spy(queue) == 1
 
@@ -604,37 +606,42 @@ def test_a_consumer_holds_as_many_messages_again_and_gives_one_as_a_slot_frees(b
     first.end_recorded = Pending()
     consumer.ack(first)
 
-    # then its slot goes to the held second message at once, and no other comes
+    # then its slot goes to the oldest held message at once, and no other comes
     second = next(consumer)
     assert second is not None
     assert nothing_delivered(consumer)
 
-    # and once the first is acknowledged, the third comes to be held
+    # and once the first is acknowledged, the last comes to be held
     first.end_recorded.set_result(None)
-    wait_for(lambda: next(consumer) is None and spy(queue) == 0, 5, "the third message delivered")
-    consumer.ack(second)
-    third = wait_for(lambda: next(consumer), 5, "the third message")
-    assert [message.args[0] for message in (first, second, third)] == [0, 1, 2]
-    consumer.ack(third)
+    wait_for(lambda: next(consumer) is None and spy(queue) == 0, 5, "the last message delivered")
+    taken = [first, second]
+    while len(taken) < HELD_PER_SLOT + 2:
+        consumer.ack(taken[-1])
+        taken.append(wait_for(lambda: next(consumer), 5, "a held message"))
+    assert [message.args[0] for message in taken] == list(range(HELD_PER_SLOT + 2))
+    consumer.ack(taken[-1])
     consumer.close()
 
 
-def test_a_message_held_behind_a_busy_thread_goes_back_to_its_queue(brokers, queue, spy):
-    consumer = consume_three(broker := brokers(), queue)
+def test_messages_held_behind_a_busy_thread_go_back_to_their_queue(brokers, queue, spy):
+    held = HELD_PER_SLOT
+    consumer = consume_jobs(broker := brokers(), queue, 1 + held)
     first = wait_for(lambda: next(consumer), 5, "a delivery")
 
-    # when the first job runs on and on, the second message held behind it
-    wait_for(lambda: spy(queue) == 1, 5, "the second message delivered")
+    # when the first job runs on and on, the next messages held behind it
+    wait_for(lambda: next(consumer) is None and spy(queue) == 0, 5, "the next messages delivered")
 
-    # then it goes back to the queue (with the third) within the hand-back time and a tick
+    # then they go back to the queue within the hand-back time and a tick, and stay there
     started = time.monotonic()
-    wait_for(lambda: next(consumer) is None and spy(queue) == 2, 5, "the held message back in the queue")
+    wait_for(lambda: next(consumer) is None and spy(queue) == held, 5, "the held messages back in the queue")
     assert time.monotonic() - started < HAND_BACK_AFTER_S + 0.3
+    assert nothing_delivered(consumer)
+    assert spy(queue) == held
 
-    # and a consumer with a free slot gets it, in its place before the third
-    other = broker.consume(queue, prefetch=2, timeout=100)
-    taken = [wait_for(lambda: next(other), 5, "a delivery") for _ in range(2)]
-    assert [message.args[0] for message in taken] == [1, 2]
+    # and a consumer with free slots gets them, in their order
+    other = broker.consume(queue, prefetch=held, timeout=100)
+    taken = [wait_for(lambda: next(other), 5, "a delivery") for _ in range(held)]
+    assert [message.args[0] for message in taken] == list(range(1, 1 + held))
     for message in taken:
         other.ack(message)
     consumer.ack(first)
@@ -653,7 +660,7 @@ def test_a_rabbitmq_that_refuses_a_channel_wide_prefetch_gets_a_fixed_one(broker
         return basic_qos(channel, *args, global_qos=global_qos, **kwargs)
 
     monkeypatch.setattr(BlockingChannel, "basic_qos", refuse_global)
-    consumer = consume_three(brokers(), queue)
+    consumer = consume_jobs(brokers(), queue, 3)
     first = wait_for(lambda: next(consumer), 5, "a delivery")
 
     # then nothing is held, and a slot stays taken until its message is settled
