@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     worker_threads: int = Field(default=8, ge=1)
     shutdown_timeout_s: float = Field(default=600, gt=0, description="graceful stop before jobs are abandoned")
     prefetch: Optional[int] = Field(
-        default=None, ge=1, description="messages a worker process holds per queue; default: its thread count"
+        default=None, ge=1, description="messages a worker process runs at a time per queue; default: its thread count"
     )
     pin_cpus: Literal["auto", "on", "off"] = Field(
         default="auto",
