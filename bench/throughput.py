@@ -1,13 +1,18 @@
 """Throughput, latency and memory: the engine with full tracking against bare Dramatiq, in one run.
 
     .venv/bin/python -m bench.throughput [--messages 20000] [--processes 2] [--threads 8]
-        [--variants bare,engine-pg,engine-sqlite] [--lookup] [--json results.json]
+        [--variants bare,engine-pg,engine-sqlite] [--rounds 1] [--lookup] [--json results.json]
 
 For each variant, on the same RabbitMQ and with the same worker configuration (P processes x T
 threads): the enqueue rate through ``actor.send()``, the processing rate of no-op jobs and of
 1 ms I/O jobs, the enqueue-to-start latency (p50, p99) on an idle system, and the RSS of each
 worker process after N and after 2N jobs. Then a table, and the ratios engine / bare with the
 targets of issue 5 marked met or missed. See README.md, "Performance", for what each figure means.
+
+With ``--rounds R``, the variants run R times, interleaved (every variant once per round), and
+the table shows each rate and latency as its median over the rounds, so that a slow spell of
+a shared machine during one variant's turn does not decide a ratio; the ratio of each round is
+listed too.
 
 Variants:
   bare           ``dramatiq bench.actors_bare -p P -t T``: Dramatiq's own RabbitMQ broker and
@@ -30,6 +35,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -219,6 +225,41 @@ def ratios(results: dict[str, dict[str, Any]], n: int) -> str:
     return "\n".join(lines)
 
 
+#: The figures of a result that `median_result` takes the median of, as (key, sub-key) paths.
+MEDIAN_FIGURES = (("enqueue_rate", None), ("noop", "rate"), ("io_1ms", "rate"), ("latency_ms", "p50"), ("latency_ms", "p99"))
+
+
+def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant's result over several rounds: the round with the median no-op rate (for the
+    details and memory), with each of `MEDIAN_FIGURES` replaced by its median over the rounds."""
+    by_rate = sorted(runs, key=lambda run: run["noop"]["rate"])
+    result = json.loads(json.dumps(by_rate[(len(by_rate) - 1) // 2]))
+    for key, sub in MEDIAN_FIGURES:
+        value = statistics.median(run[key] if sub is None else run[key][sub] for run in runs)
+        if sub is None:
+            result[key] = value
+        else:
+            result[key][sub] = value
+    return result
+
+
+def ratios_by_round(rounds: dict[str, list[dict[str, Any]]]) -> str:
+    """The processing ratios of each round, engine / bare, to show their spread."""
+    lines = []
+    for name, runs in rounds.items():
+        if name.startswith("bare"):
+            continue
+        for base in ("bare", "bare-pinned"):
+            if base not in rounds:
+                continue
+            cells = [
+                f"{run['noop']['rate'] / other['noop']['rate']:.2f} / {run['io_1ms']['rate'] / other['io_1ms']['rate']:.2f}"
+                for run, other in zip(runs, rounds[base])
+            ]
+            lines.append(f"{name} / {base}, each round (no-op / 1 ms I/O): {', '.join(cells)}")
+    return "\n".join(lines)
+
+
 def details(results: dict[str, dict[str, Any]]) -> str:
     lines = []
     for name, r in results.items():
@@ -283,6 +324,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--probe-interval-ms", type=float, default=20.0, help="between probes (default 20)")
     parser.add_argument("--amqp-url", default=DEFAULT_AMQP, help=f"RabbitMQ, without vhost (default {DEFAULT_AMQP})")
     parser.add_argument("--pg-admin-url", default=DEFAULT_PG_ADMIN, help=f"to create databases (default {DEFAULT_PG_ADMIN})")
+    parser.add_argument("--rounds", type=int, default=1, help="run the variants this many times, interleaved; report medians (default 1)")
     parser.add_argument("--lookup", action="store_true", help="also run bench.lookup (store lookups at 10k and 1M jobs)")
     parser.add_argument("--json", type=Path, help="write the raw results here")
     parser.add_argument("--keep", action="store_true", help="keep each variant's directory (worker logs)")
@@ -293,15 +335,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if args.messages < 100:
         parser.error("--messages must be at least 100")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
 
     # SIGTERM unwinds like Ctrl-C, so that workers, vhosts and databases are cleaned up.
     signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(128 + signal.SIGTERM))
     about = machine()
     log(f"machine: {about}")
     started = time.monotonic()
-    results: dict[str, dict[str, Any]] = {}
-    for name in names:
-        results[name] = run_variant(name, args)
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for number in range(args.rounds):
+        if args.rounds > 1:
+            log(f"round {number + 1} of {args.rounds}")
+        for name in names:
+            rounds[name].append(run_variant(name, args))
+    results = {name: median_result(runs) for name, runs in rounds.items()}
 
     print(f"\nmachine: {about}")
     print(
@@ -311,10 +359,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(table(results, args.messages))
     print()
     print(ratios(results, args.messages))
+    if args.rounds > 1:
+        print()
+        print(ratios_by_round(rounds))
     print()
     print(details(results), flush=True)
     if args.json:
-        record = {"machine": about, "args": {**vars(args), "json": str(args.json)}, "results": results}
+        record = {"machine": about, "args": {**vars(args), "json": str(args.json)}, "results": results, "rounds": rounds}
         args.json.write_text(json.dumps(record, indent=2, default=str))
     if args.lookup:
         from . import lookup
