@@ -698,7 +698,10 @@ class _HoldingConsumer(_RabbitmqConsumer):
             if restore:
                 self._limited, self._restore = False, True
         if restore:
-            self._wake_consumer_thread()
+            try:
+                self._wake_consumer_thread()
+            except ConnectionClosed:
+                pass  # the consumer is gone with its connection; the next one starts with the full limit
         if self._consumer_thread is None:
             return  # the next read takes it
         held = self._take_held()
