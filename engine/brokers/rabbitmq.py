@@ -539,9 +539,9 @@ class _HoldingConsumer(_RabbitmqConsumer):
 
     Held messages (main queues): Dramatiq is given at most `prefetch` messages at a time (one
     per worker thread, see `engine.worker`), and RabbitMQ delivers up to `HELD_PER_SLOT` times
-    as many more, which this consumer holds. A thread that ends its job frees its slot at once (its message is still
-    unacknowledged while its end is committed), and the next held message goes to the work
-    queue from that thread, without a round trip to RabbitMQ. A message held longer than
+    as many more, which this consumer holds. A thread that ends its job frees its slot at once
+    (its message is still unacknowledged while its end is committed), and the next held message
+    goes to the work queue from that thread, without a round trip to RabbitMQ. A message held longer than
     `HAND_BACK_AFTER_S` goes back to its queue (a requeue, to its place at the head), for
     another process whose threads are free: a short job waits that long at most behind long
     ones in a busy process. The channel's limit is then lowered to what the consumer has, so
@@ -697,9 +697,10 @@ class _HoldingConsumer(_RabbitmqConsumer):
             restore = self._limited and not self._held
             if restore:
                 self._limited, self._restore = False, True
-        if restore:
+            wake = restore and self._wake_once()
+        if wake:
             try:
-                self._wake_consumer_thread()
+                self._call_on_consumer_thread()
             except ConnectionClosed:
                 pass  # the consumer is gone with its connection; the next one starts with the full limit
         if self._consumer_thread is None:
@@ -719,17 +720,21 @@ class _HoldingConsumer(_RabbitmqConsumer):
                 self.logger.warning("Failed to settle message: not in known tags.")
                 return
             self._settles.append((tag, ack))
-        self._wake_consumer_thread()
-
-    def _wake_consumer_thread(self) -> None:
-        """Have the consumer thread run `_update`, unless it is on its way already."""
-        with self._lock:
-            wake, self._update_pending = not self._update_pending, True
+            wake = self._wake_once()
         if wake:
-            try:
-                self.connection.add_callback_threadsafe(self._update)
-            except _AMQP_ERRORS as error:
-                raise ConnectionClosed(error) from None
+            self._call_on_consumer_thread()
+
+    def _wake_once(self) -> bool:
+        """Under the lock: whether the caller must wake the consumer thread (no wake-up is
+        on its way yet)."""
+        wake, self._update_pending = not self._update_pending, True
+        return wake
+
+    def _call_on_consumer_thread(self) -> None:
+        try:
+            self.connection.add_callback_threadsafe(self._update)
+        except _AMQP_ERRORS as error:
+            raise ConnectionClosed(error) from None
 
     def _update(self) -> None:
         """On the consumer thread: the limit raised again if asked, then the settles waiting.
