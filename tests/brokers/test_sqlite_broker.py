@@ -227,13 +227,14 @@ def test_an_expired_lease_is_redelivered_and_flagged(brokers, consumers):
 
 
 def test_renewed_leases_keep_a_long_held_message_from_redelivery(brokers, consumers):
-    holder, other = brokers(lease_seconds=0.2), brokers(lease_seconds=0.2)
+    # Renewed every third of a lease: 0.5 s leaves a renewal 0.33 s of stall on a busy machine.
+    holder, other = brokers(lease_seconds=0.5), brokers(lease_seconds=0.5)
     holder.enqueue(new_message())
     consumer = consumers(holder)
     held = next(consumer)
 
     poller = consumers(other, timeout=100)
-    deadline = time.monotonic() + 0.8  # four leases long
+    deadline = time.monotonic() + 2.0  # four leases long
     while time.monotonic() < deadline:
         assert next(poller) is None
 
