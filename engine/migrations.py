@@ -53,12 +53,27 @@ def _lighten_job_indexes(connection: Connection) -> None:
                 connection.execute(text(f'ALTER TABLE jobs DROP CONSTRAINT "{constraint["name"]}"'))
 
 
+def _move_open_attempts_to_jobs(connection: Connection) -> None:
+    """The running attempt's worker and token in its job's row (see `engine.schema`), copied
+    from the open attempt rows, which the attempt's end then completes."""
+    for column, kind in (("attempt_host", "VARCHAR(255)"), ("attempt_pid", "INTEGER"),
+                         ("attempt_worker_id", "VARCHAR(64)"), ("attempt_token", "FLOAT")):  # fmt: skip
+        connection.execute(text(f"ALTER TABLE jobs ADD COLUMN {column} {kind}"))
+    latest = "FROM attempts WHERE attempts.job_id = jobs.id AND attempts.number = jobs.attempts"
+    connection.execute(text(
+        f"""UPDATE jobs SET attempt_host = (SELECT worker_host {latest}), attempt_pid = (SELECT worker_pid {latest}),
+        attempt_worker_id = (SELECT worker_id {latest}), attempt_token = (SELECT start_token {latest})
+        WHERE state = 'running'"""
+    ))
+
+
 #: Migrations from older schemas, oldest first. Version 1 is the first released schema.
 MIGRATIONS: list[Migration] = [
     Migration(2, "worker heartbeats and durable cancel requests", _add_liveness_and_cancellation),
     Migration(3, "the embedded broker's claim index", _add_claim_order),
     Migration(4, "a token per attempt start", _add_start_token),
     Migration(5, "lighter job indexes", _lighten_job_indexes),
+    Migration(6, "an attempt's row written once, when it ends", _move_open_attempts_to_jobs),
 ]
 
 LATEST = MIGRATIONS[-1].version if MIGRATIONS else 1

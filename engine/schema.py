@@ -1,7 +1,8 @@
 """The store's tables, with indexes chosen for the queries the engine runs.
 
 - jobs: one row per job; the source of truth for its state (Oban's model).
-- attempts: one row per execution, kept when the job later succeeds (the audit trail).
+- attempts: one row per execution that ended, kept when the job later succeeds (the audit
+  trail); the running one is in its job's row until it ends.
 - workers: one row per worker process, with its heartbeat: how a job whose worker died is told
   from one whose worker is merely slow.
 - messages: the embedded broker's queue; unused when RabbitMQ is the broker.
@@ -56,6 +57,13 @@ jobs = Table(
     Column("started_at", Float),
     Column("finished_at", Float),
     Column("updated_at", Float, nullable=False),
+    # The latest attempt's worker and start token (its start is `started_at`). An attempt's row
+    # is written once, when it ends, from what its worker kept: a start is then one update of
+    # this row, and a redelivery reads here whether the worker running the job still lives.
+    Column("attempt_host", String(255)),
+    Column("attempt_pid", Integer),
+    Column("attempt_worker_id", String(64)),
+    Column("attempt_token", Float),
     # Newest-first listing, whole or filtered, with keyset pagination on (created_at, id).
     Index("ix_jobs_created", "created_at", "id"),
     Index("ix_jobs_state_created", "state", "created_at", "id"),

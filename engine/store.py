@@ -96,12 +96,14 @@ class AttemptStart(NamedTuple):
       cancel_requested(bool): the job is to run, but its cancel was requested already.
       undecided(bool): the writer's one statement on PostgreSQL (`Store.record_attempts`)
         found the job not queued, or ending in the same batch: `Store.start_attempts` decides.
+      started_at(float): the start's time as the job's row has it, for the attempt's row.
     """
 
     number: Optional[int]
     running_elsewhere: bool = False
     cancel_requested: bool = False
     undecided: bool = False
+    started_at: Optional[float] = None  # when the job runs now: the start as committed
 
 
 class StartRequest(NamedTuple):
@@ -120,10 +122,26 @@ class StartRequest(NamedTuple):
     dead_after_s: float
     requested_at: float
 
+    def run(self, started_at: float) -> "AttemptRun":
+        """The attempt this request started at `started_at`."""
+        return AttemptRun(self.host, self.pid, self.worker_id, started_at, self.requested_at)
+
+
+class AttemptRun(NamedTuple):
+    """Who ran an attempt, and from when: kept by its worker while it runs, and written into
+    the attempt's row, with how it ended, in one insert."""
+
+    host: str
+    pid: int
+    worker_id: Optional[str]
+    started_at: float
+    start_token: Optional[float]
+
 
 class AttemptEnd(NamedTuple):
-    """How an attempt ended, to be recorded by `Store.finish_attempts`. When `state` is None,
-    the job's state was moved already (a retry set it to `scheduled`)."""
+    """How an attempt ended, to be recorded by `Store.finish_attempts`, with who ran it (the
+    fields of `AttemptRun`). When `state` is None, the job's state was moved already (a retry
+    set it to `scheduled`)."""
 
     job_id: str
     number: int
@@ -136,6 +154,11 @@ class AttemptEnd(NamedTuple):
     traceback: Optional[str]
     progress_percent: Optional[float]
     progress_message: Optional[str]
+    host: str
+    pid: int
+    worker_id: Optional[str]
+    started_at: float
+    start_token: Optional[float]
 
     @classmethod
     def of(
@@ -144,6 +167,7 @@ class AttemptEnd(NamedTuple):
         number: int,
         outcome: Outcome,
         *,
+        run: AttemptRun,
         state: Optional[JobState] = None,
         result: Optional[str] = None,
         error: Optional[BaseException] = None,
@@ -152,15 +176,35 @@ class AttemptEnd(NamedTuple):
     ) -> "AttemptEnd":
         percent, message = progress or (None, None)
         if error is None:
-            return cls(job_id, number, outcome, state, result, None, None, None, traceback, percent, message)
+            return cls(job_id, number, outcome, state, result, None, None, None, traceback, percent, message, *run)
         # PostgreSQL text holds no NUL, and an exception's message may.
         error_type, error_message = type(error).__name__, str(error).replace("\0", "\ufffd")
         last_error = f"{error_type}: {error_message}"
-        return cls(job_id, number, outcome, state, result, last_error, error_type, error_message, traceback, percent, message)
+        return cls(
+            job_id, number, outcome, state, result, last_error, error_type, error_message, traceback, percent, message, *run
+        )
 
     def parameters(self, now: float) -> dict[str, Any]:
-        """For `_END_JOB` and `_END_ATTEMPT`, executed with many ends at once."""
+        """For `_END_JOB`, executed with many ends at once."""
         return {"now": now, **{f"b_{name}": value for name, value in zip(self._fields, self)}}
+
+    def attempt_row(self, now: float) -> dict[str, Any]:
+        """The attempt's row, ended at `now`."""
+        return {
+            "job_id": self.job_id,
+            "number": self.number,
+            "worker_host": self.host,
+            "worker_pid": self.pid,
+            "worker_id": self.worker_id,
+            "started_at": self.started_at,
+            "start_token": self.start_token,
+            "finished_at": now,
+            "duration_ms": (now - self.started_at) * 1000,
+            "outcome": self.outcome,
+            "error_type": self.error_type,
+            "error_message": self.error_message,
+            "traceback": self.traceback,
+        }
 
 
 class EnqueueRecord(NamedTuple):
@@ -209,7 +253,19 @@ _START_QUEUED = (
     update(jobs)
     .where(jobs.c.id.in_(bindparam("ids", expanding=True)), _state_in(TRANSITIONS[JobState.RUNNING]))
     .values(state=JobState.RUNNING, attempts=jobs.c.attempts + 1, started_at=bindparam("now"), updated_at=bindparam("now"))
-    .returning(jobs.c.id, jobs.c.attempts, jobs.c.cancel_requested_at)
+    .returning(jobs.c.id, jobs.c.attempts, jobs.c.cancel_requested_at, jobs.c.started_at)
+)
+
+#: The worker of each attempt `_START_QUEUED` opened, into its job's row.
+_OPEN_ATTEMPT = (
+    update(jobs)
+    .where(jobs.c.id == bindparam("b_job_id"))
+    .values(
+        attempt_host=bindparam("b_host"),
+        attempt_pid=bindparam("b_pid"),
+        attempt_worker_id=bindparam("b_worker_id"),
+        attempt_token=bindparam("b_requested_at"),
+    )
 )
 
 #: Columns of an ended job that keep their value when the end brings none.
@@ -231,18 +287,9 @@ _END_JOB = {
     },
 }
 
-_END_ATTEMPT = (
-    update(attempts)
-    .where(attempts.c.job_id == bindparam("b_job_id"), attempts.c.number == bindparam("b_number"))
-    .values(
-        finished_at=bindparam("now"),
-        duration_ms=(bindparam("now") - attempts.c.started_at) * 1000,
-        outcome=bindparam("b_outcome"),
-        error_type=bindparam("b_error_type"),
-        error_message=bindparam("b_error_message"),
-        traceback=bindparam("b_traceback"),
-    )
-)
+#: What an ended attempt's row takes from its end when the row exists: the row a takeover wrote
+#: when it judged the worker dead, or one a store older than schema 6 opened at the start.
+_ENDED_COLUMNS = ("finished_at", "duration_ms", "outcome", "error_type", "error_message", "traceback")
 
 
 #: The columns of a new job's row (`EnqueueRecord.row` and its state), with their types.
@@ -301,11 +348,12 @@ _END_COLUMNS = {
     "job_id": "text", "number": "int", "outcome": "text", "state": "text", "result": "text",
     "last_error": "text", "error_type": "text", "error_message": "text", "traceback": "text",
     "progress_percent": "float8", "progress_message": "text",
+    "host": "text", "pid": "int", "worker_id": "text", "started_at": "float8", "start_token": "float8",
 }
 
 #: The writer's batch on PostgreSQL in one statement: the queued jobs of the starts moved to
-#: `running` with their attempt rows (as `Store.start_attempts` does), and the ends (as
-#: `Store.finish_attempts` does). Returns the jobs started; the other starts are left
+#: `running` with their attempt's worker (as `Store.start_attempts` does), and the ends with
+#: their attempt rows (as `Store.finish_attempts` does). Returns the jobs started; the other starts are left
 #: undecided (`AttemptStart.undecided`). The ``= ANY(ids)`` conditions repeat the joins
 #: for the planner: psycopg prepares the statement, and PostgreSQL's generic plan, which takes
 #: each set of rows for 100 rows, would otherwise scan a small jobs table whole. The started
@@ -317,13 +365,11 @@ _RECORD_ATTEMPTS_PG = _for_psycopg(text(
 WITH s AS (
   SELECT * FROM {_recordset("s", _START_COLUMNS)}
 ), started AS (
-  UPDATE jobs SET state = 'running', attempts = jobs.attempts + 1, started_at = :now, updated_at = :now
+  UPDATE jobs SET state = 'running', attempts = jobs.attempts + 1, started_at = :now, updated_at = :now,
+    attempt_host = s.host, attempt_pid = s.pid, attempt_worker_id = s.worker_id, attempt_token = s.requested_at
   FROM s WHERE jobs.id = s.job_id AND jobs.id = ANY(CAST(:start_ids AS text[]))
     AND (jobs.state || '') IN ({_sql_states(TRANSITIONS[JobState.RUNNING])})
-  RETURNING jobs.id, jobs.attempts, jobs.cancel_requested_at, s.host, s.pid, s.worker_id, s.requested_at
-), opened AS (
-  INSERT INTO attempts (job_id, number, worker_host, worker_pid, worker_id, started_at, start_token)
-  SELECT id, attempts, host, pid, worker_id, :now, requested_at FROM started
+  RETURNING jobs.id, jobs.attempts, jobs.cancel_requested_at, jobs.started_at
 ), e AS (
   SELECT * FROM {_recordset("e", _END_COLUMNS)}
 ), ended AS (
@@ -337,13 +383,16 @@ WITH s AS (
     progress_message = coalesce(e.progress_message, jobs.progress_message)
   FROM e WHERE jobs.id = e.job_id AND jobs.id = ANY(CAST(:end_ids AS text[])) AND ({_may_end_sql()})
 ), closed AS (
-  UPDATE attempts SET
-    finished_at = :now, duration_ms = (:now - attempts.started_at) * 1000, outcome = e.outcome,
-    error_type = e.error_type, error_message = e.error_message, traceback = e.traceback
-  FROM e WHERE attempts.job_id = e.job_id AND attempts.job_id = ANY(CAST(:end_ids AS text[]))
-    AND attempts.number = e.number
+  INSERT INTO attempts (
+    job_id, number, worker_host, worker_pid, worker_id, started_at, start_token,
+    finished_at, duration_ms, outcome, error_type, error_message, traceback
+  )
+  SELECT job_id, number, host, pid, worker_id, started_at, start_token,
+    :now, (:now - started_at) * 1000, outcome, error_type, error_message, traceback FROM e
+  ON CONFLICT (job_id, number) DO UPDATE SET
+    {", ".join(f"{column} = excluded.{column}" for column in _ENDED_COLUMNS)}
 )
-SELECT id, attempts, cancel_requested_at FROM started
+SELECT id, attempts, cancel_requested_at, started_at FROM started
 """
 ))
 
@@ -361,6 +410,10 @@ class Store:
         self._insert = (sqlite if self.engine.dialect.name == "sqlite" else postgresql).insert
         # rowcount is not reliable for ON CONFLICT with every driver: RETURNING says which went in.
         self._insert_new_jobs = self._insert(jobs).on_conflict_do_nothing(index_elements=["id"]).returning(jobs.c.id)
+        ended = self._insert(attempts)
+        self._insert_ended_attempts = ended.on_conflict_do_update(
+            index_elements=["job_id", "number"], set_={column: ended.excluded[column] for column in _ENDED_COLUMNS}
+        )
         self._current: ContextVar[Optional[Connection]] = ContextVar(f"store-{id(self)}", default=None)
         #: Commits the writes of this process's worker threads together (see `engine.writer`).
         self._writer_engine = _create_writer_engine(url, self.engine)
@@ -639,8 +692,9 @@ class Store:
         ]
 
     def start_attempts(self, connection: Connection, requests: list[StartRequest]) -> list[AttemptStart]:
-        """Move each request's job to `running` and open its attempt row, in `connection`'s
-        transaction: one UPDATE for every queued job of the batch, one INSERT for the attempts.
+        """Move each request's job to `running` with its attempt's worker, in `connection`'s
+        transaction: one UPDATE for every queued job of the batch, one more for the workers.
+        The attempt's row is written when it ends (`finish_attempts`).
 
         A job found `running` already is run again only if the worker of its open attempt is
         dead: silent for `dead_after_s`, stopped, or unknown. That attempt is then closed as
@@ -659,7 +713,7 @@ class Store:
             _START_QUEUED, {"ids": [request.job_id for request in requests], "now": now}
         ).all()
         queued = {row.id: row for row in moved}
-        starts, rows = [], []
+        starts, opened = [], []
         for request in requests:
             # pop: a second delivery of the same job in this batch finds it `running`.
             row = queued.pop(request.job_id, None)
@@ -667,30 +721,26 @@ class Store:
                 starts.append(self._start_running(connection, request, now))
             else:
                 starts.append(_started(row))
-                rows.append(_attempt_row(request, row.attempts, now))
-        if rows:
-            connection.execute(attempts.insert(), rows)
+                opened.append({f"b_{name}": value for name, value in request._asdict().items()})
+        if opened:
+            connection.execute(_OPEN_ATTEMPT, opened)
         return starts
 
     def _start_running(self, connection: Connection, request: StartRequest, now: float) -> AttemptStart:
         """Start a job that was not queued: take it over if its worker died, else say why not."""
-        open_attempt = attempts.c.finished_at.is_(None)
         found = connection.execute(
             select(
-                jobs.c.state, jobs.c.attempts, jobs.c.cancel_requested_at, workers.c.heartbeat_at, workers.c.stopped_at,
-                attempts.c.worker_id, attempts.c.start_token,
+                jobs.c.state, jobs.c.attempts, jobs.c.cancel_requested_at, jobs.c.started_at, jobs.c.attempt_host,
+                jobs.c.attempt_pid, jobs.c.attempt_worker_id, jobs.c.attempt_token, workers.c.heartbeat_at,
+                workers.c.stopped_at,
             )  # fmt: skip
-            .select_from(
-                jobs.outerjoin(attempts, and_(attempts.c.job_id == jobs.c.id, open_attempt)).outerjoin(
-                    workers, workers.c.id == attempts.c.worker_id
-                )
-            )
+            .select_from(jobs.outerjoin(workers, workers.c.id == jobs.c.attempt_worker_id))
             .where(jobs.c.id == request.job_id)
         ).first()
         if found is None or found.state != JobState.RUNNING:
             return AttemptStart(None)
         own = (request.worker_id, request.requested_at)
-        if request.worker_id is not None and (found.worker_id, found.start_token) == own:
+        if request.worker_id is not None and (found.attempt_worker_id, found.attempt_token) == own:
             return _started(found)  # this very start, committed by a try whose reply was lost
         alive = (
             found.heartbeat_at is not None
@@ -702,23 +752,41 @@ class Store:
         number = connection.execute(
             update(jobs)
             .where(jobs.c.id == request.job_id, jobs.c.state == JobState.RUNNING, jobs.c.attempts == found.attempts)
-            .values(attempts=jobs.c.attempts + 1, started_at=now, updated_at=now)
+            .values(
+                attempts=jobs.c.attempts + 1, started_at=now, updated_at=now, attempt_host=request.host,
+                attempt_pid=request.pid, attempt_worker_id=request.worker_id, attempt_token=request.requested_at,
+            )  # fmt: skip
             .returning(jobs.c.attempts)
         ).scalar()
         if number is None:  # another delivery took it over first: it runs there now
             return AttemptStart(None, running_elsewhere=True)
-        self._close_open_attempts(connection, request.job_id, Outcome.ABANDONED, now)
-        connection.execute(attempts.insert(), [_attempt_row(request, number, now)])
-        return AttemptStart(number, cancel_requested=found.cancel_requested_at is not None)
+        abandoned = AttemptRun(
+            found.attempt_host or "", found.attempt_pid or 0, found.attempt_worker_id, found.started_at, found.attempt_token
+        )
+        connection.execute(
+            self._insert_ended_attempts,
+            AttemptEnd.of(request.job_id, found.attempts, Outcome.ABANDONED, run=abandoned).attempt_row(now),
+        )
+        return AttemptStart(number, cancel_requested=found.cancel_requested_at is not None, started_at=now)
 
     def finish_attempt(self, job_id: str, number: int, outcome: Outcome, **fields: Any) -> None:
-        """Close attempt `number` with its outcome and, when a `state` is given, end the job
-        there, in a transaction of its own (see `finish_attempts`; `fields` as `AttemptEnd.of`)."""
+        """Record how attempt `number`, the job's latest, ended and, when a `state` is given,
+        end the job there, in a transaction of its own (see `finish_attempts`; `fields` as
+        `AttemptEnd.of`, without `run`: it is read from the job's row)."""
         with self.transaction() as connection:
-            self.finish_attempts(connection, [AttemptEnd.of(job_id, number, outcome, **fields)])
+            row = connection.execute(
+                select(
+                    jobs.c.attempt_host, jobs.c.attempt_pid, jobs.c.attempt_worker_id, jobs.c.started_at,
+                    jobs.c.attempt_token,
+                ).where(jobs.c.id == job_id)
+            ).first()
+            if row is None:
+                raise JobNotFound(job_id)
+            run = AttemptRun(row.attempt_host or "", row.attempt_pid or 0, *row[2:])
+            self.finish_attempts(connection, [AttemptEnd.of(job_id, number, outcome, run=run, **fields)])
 
     def finish_attempts(self, connection: Connection, ends: list[AttemptEnd]) -> list[None]:
-        """Close attempts with their outcomes, in `connection`'s transaction, one executemany
+        """Write the rows of ended attempts, in `connection`'s transaction, one executemany
         per statement for the whole batch.
 
         A job whose end has a `state` is moved there (compare-and-set). When `state` is None
@@ -734,7 +802,7 @@ class Store:
         rows = [end.parameters(now) for end in ends]
         for state in {end.state for end in ends}:
             connection.execute(_END_JOB[state], [row for row in rows if row["b_state"] == state])
-        connection.execute(_END_ATTEMPT, rows)
+        connection.execute(self._insert_ended_attempts, [end.attempt_row(now) for end in ends])
         return [None] * len(ends)
 
     def set_progress(self, job_id: str, percent: float, message: Optional[str]) -> None:
@@ -797,14 +865,25 @@ class Store:
         return json.loads(options)
 
     def list_attempts(self, job_id: str) -> list[Attempt]:
-        """The audit trail of a job, oldest attempt first. Raises: JobNotFound."""
+        """The audit trail of a job, oldest attempt first, the running one last (its row is
+        written when it ends: until then it is read from the job's row). Raises: JobNotFound."""
         with self.reading() as connection:
+            job = connection.execute(
+                select(
+                    jobs.c.state, jobs.c.attempts, jobs.c.started_at, jobs.c.attempt_host, jobs.c.attempt_pid,
+                ).where(jobs.c.id == job_id)
+            ).first()
+            if job is None:
+                raise JobNotFound(job_id)
             rows = connection.execute(
                 select(attempts).where(attempts.c.job_id == job_id).order_by(attempts.c.number)
             ).all()
-            if not rows and connection.execute(select(jobs.c.id).where(jobs.c.id == job_id)).first() is None:
-                raise JobNotFound(job_id)
-        return [_attempt(row) for row in rows]
+        trail = [_attempt(row) for row in rows]
+        if job.state == JobState.RUNNING and job.attempt_host is not None and job.attempts not in {a.number for a in trail}:
+            trail.append(
+                Attempt(job_id, job.attempts, job.attempt_host, job.attempt_pid, job.started_at, *[None] * 6)
+            )
+        return trail
 
     def list_jobs(
         self,
@@ -937,15 +1016,6 @@ class Store:
         )
         return moved.rowcount == 1
 
-    @staticmethod
-    def _close_open_attempts(connection: Connection, job_id: str, outcome: Outcome, now: float) -> int:
-        closed = connection.execute(
-            attempts.update()
-            .where(attempts.c.job_id == job_id, attempts.c.finished_at.is_(None))
-            .values(finished_at=now, duration_ms=(now - attempts.c.started_at) * 1000, outcome=outcome)
-        )
-        return closed.rowcount
-
 
 def _finished_before(cutoff: float) -> Any:
     """Finished jobs that ended before `cutoff`. A job ends after it was created, so the
@@ -959,24 +1029,11 @@ def _finished_before(cutoff: float) -> Any:
 
 
 def _started(row: Any) -> AttemptStart:
-    """The start of a job moved to `running` (`row` has its attempt count and cancel request);
-    undecided when there is no row."""
+    """The start of a job moved to `running` (`row` has its attempt count, cancel request and
+    start time); undecided when there is no row."""
     if row is None:
         return AttemptStart(None, undecided=True)
-    return AttemptStart(row.attempts, cancel_requested=row.cancel_requested_at is not None)
-
-
-def _attempt_row(request: StartRequest, number: int, now: float) -> dict[str, Any]:
-    """The new attempt row of a start, committed at `now`."""
-    return {
-        "job_id": request.job_id,
-        "number": number,
-        "worker_host": request.host,
-        "worker_pid": request.pid,
-        "worker_id": request.worker_id,
-        "started_at": now,
-        "start_token": request.requested_at,
-    }
+    return AttemptStart(row.attempts, cancel_requested=row.cancel_requested_at is not None, started_at=row.started_at)
 
 
 def _job(row: Any) -> Job:

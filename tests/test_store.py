@@ -26,8 +26,14 @@ def job(store: Store) -> str:
     return "job-1"
 
 
-def start(store: Store, job_id: str, worker_id: str, pid: int = 1):
-    return store.start_attempt(job_id, host="h", pid=pid, worker_id=worker_id, dead_after_s=DEAD_AFTER_S)
+def start(store: Store, job_id: str, worker_id: str, pid: int = 1) -> AttemptStart:
+    return decided(store.start_attempt(job_id, host="h", pid=pid, worker_id=worker_id, dead_after_s=DEAD_AFTER_S))
+
+
+def decided(start: AttemptStart) -> AttemptStart:
+    """The decision, without the start's time: checked here to be there when the job runs."""
+    assert (start.started_at is not None) == (start.number is not None), start
+    return start._replace(started_at=None)
 
 
 def test_a_queued_job_starts_its_first_attempt(store, job):
@@ -50,15 +56,17 @@ def test_a_start_tried_again_after_it_was_committed_finds_itself_not_another_del
     store.heartbeat("w1", host="h", pid=1)
     request = StartRequest(job, "h", 1, "w1", DEAD_AFTER_S, time.time())
     with store.transaction() as connection:
-        assert store.start_attempts(connection, [request]) == [AttemptStart(1)]
+        assert [decided(each) for each in store.start_attempts(connection, [request])] == [AttemptStart(1)]
 
     # the same start again, as when the reply to its commit was lost: the same attempt, no new one
     with store.transaction() as connection:
-        assert store.start_attempts(connection, [request]) == [AttemptStart(1)]
+        assert [decided(each) for each in store.start_attempts(connection, [request])] == [AttemptStart(1)]
     # another delivery to the same worker is not it
     with store.transaction() as connection:
         again = request._replace(requested_at=request.requested_at + 1)
-        assert store.start_attempts(connection, [again]) == [AttemptStart(None, running_elsewhere=True)]
+        assert [decided(each) for each in store.start_attempts(connection, [again])] == [
+            AttemptStart(None, running_elsewhere=True)
+        ]
     assert [a.number for a in store.list_attempts(job)] == [1]
 
 

@@ -38,7 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import ArgumentsNotSerializable, JobCanceled, ResultNotSerializable, ResultTooLarge, TrackingError
 from ..job import JobState, Outcome
-from ..store import AttemptEnd, EnqueueRecord, StartRequest, Store
+from ..store import AttemptEnd, AttemptRun, EnqueueRecord, StartRequest, Store
 from ..writer import Pending
 from .heartbeat import Heartbeat
 
@@ -62,6 +62,7 @@ class RunningAttempt:
     job_id: str
     number: int
     store: Store
+    run: AttemptRun  # written with its end
     cancel_requested: bool = False  # already when it started
     retry_enqueued: bool = False
     progress_written_at: float = 0.0
@@ -184,7 +185,9 @@ class Tracking(Middleware):
             raise SkipMessage(message.message_id)
         # From here on this message is the job's own: a retry of it must be recorded as one.
         message.options.pop(RECHECK_OPTION, None)
-        current_attempt.set(RunningAttempt(message.message_id, start.number, self.store, start.cancel_requested))
+        assert start.started_at is not None  # a start that runs the job has its time
+        run = request.run(start.started_at)
+        current_attempt.set(RunningAttempt(message.message_id, start.number, self.store, run, start.cancel_requested))
 
     def after_enqueue(self, broker: Broker, message: Message, delay: Optional[int]) -> None:
         attempt = current_attempt.get()
@@ -237,7 +240,9 @@ class Tracking(Middleware):
         self._finish(broker, message, attempt, outcome, state=state, error=exception, traceback=trace)
 
     def _finish(self, broker: Broker, message: MessageProxy, attempt: RunningAttempt, outcome: Outcome, **fields: Any) -> None:
-        end = AttemptEnd.of(attempt.job_id, attempt.number, outcome, progress=attempt.pending_progress, **fields)
+        end = AttemptEnd.of(
+            attempt.job_id, attempt.number, outcome, run=attempt.run, progress=attempt.pending_progress, **fields
+        )
         recorded = self.store.writer.submit(self.store.record_attempts, end)
         if getattr(broker, "settles_when_recorded", False):
             # The thread goes on to its next job; the broker acks this one once it is recorded,

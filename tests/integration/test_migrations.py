@@ -7,10 +7,16 @@ import sqlalchemy as sa
 
 from engine import migrations, schema
 from engine.errors import DuplicateJob
-from engine.store import Store
+from engine.job import JobState, Outcome
+from engine.store import AttemptStart, Store
 
 #: Columns that schema version 1 did not have, by the version that added them.
-ADDED = {("attempts", "worker_id"): 2, ("jobs", "cancel_requested_at"): 2, ("attempts", "start_token"): 4}
+ADDED = {
+    ("attempts", "worker_id"): 2,
+    ("jobs", "cancel_requested_at"): 2,
+    ("attempts", "start_token"): 4,
+    **{("jobs", column): 6 for column in ("attempt_host", "attempt_pid", "attempt_worker_id", "attempt_token")},
+}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -25,6 +31,7 @@ def create_version_1(store: Store) -> None:
     for table in (schema.jobs, schema.attempts, schema.messages, schema.schema_version):
         columns = [column._copy() for column in table.columns if (table.name, column.name) not in ADDED]
         sa.Table(table.name, old, *columns)
+    old.tables["attempts"].append_constraint(sa.UniqueConstraint("job_id", "number", name="uq_attempts_job_number"))
     # The job indexes that version 5 replaced: a unique constraint on every row's key, and finished_at.
     old.tables["jobs"].c.idempotency_key.unique = True
     sa.Index("ix_jobs_finished", old.tables["jobs"].c.finished_at)
@@ -79,4 +86,36 @@ def test_after_version_5_idempotency_keys_stay_unique_in_a_partial_index(store_u
     with pytest.raises(DuplicateJob):
         store.record_enqueue(job_row("d", key="k"), delayed=False)
     assert store.find_by_idempotency_key("k").id == "a"
+    store.close()
+
+
+def test_after_version_6_a_job_started_before_it_keeps_its_worker_and_ends_in_its_attempt_row(store_url, monkeypatch):
+    store = Store(store_url)
+    create_version_1(store)
+    monkeypatch.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:-1])
+    assert store.upgrade() == 1 and store.upgrade() == 5
+    monkeypatch.undo()
+    # a job that a worker of schema 5 started: its attempt row opened, its job's row knows no worker
+    with store.transaction() as connection:
+        connection.execute(
+            schema.jobs.insert().values(**job_row("a"), state="running", attempts=1, started_at=10.0, updated_at=10.0)
+        )
+        connection.execute(
+            schema.attempts.insert().values(
+                job_id="a", number=1, worker_host="old", worker_pid=7, worker_id="w-old", started_at=10.0, start_token=9.0
+            )
+        )
+
+    assert store.upgrade() == 5
+    [running] = store.list_attempts("a")
+    assert (running.number, running.worker_host, running.worker_pid, running.outcome) == (1, "old", 7, None)
+    # its worker still lives: another delivery leaves the job to it
+    store.heartbeat("w-old", host="old", pid=7)
+    started = store.start_attempt("a", host="new", pid=8, worker_id="w-new", dead_after_s=60)
+    assert started == AttemptStart(None, running_elsewhere=True)
+    # and its end completes the attempt row it opened
+    store.finish_attempt("a", 1, Outcome.SUCCEEDED, state=JobState.SUCCEEDED)
+    [ended] = store.list_attempts("a")
+    assert (ended.worker_host, ended.started_at, ended.outcome) == ("old", 10.0, Outcome.SUCCEEDED)
+    assert store.get("a").state == JobState.SUCCEEDED
     store.close()
