@@ -12,7 +12,7 @@ import time
 import psycopg
 import pytest
 
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from engine.job import JobState, Outcome
 from engine.store import AttemptEnd, AttemptStart, StartRequest, Store
@@ -114,6 +114,32 @@ def test_a_start_committed_by_a_batch_whose_reply_was_lost_runs_when_the_batch_i
     # then the worker runs it as the attempt that was committed, and no other
     assert start == AttemptStart(1, started_at=store.get("job-1").started_at)
     assert [a.number for a in store.list_attempts("job-1")] == [1]
+
+
+def test_a_batch_whose_session_is_killed_is_committed_on_a_new_one_and_a_bad_one_fails_alone(store, pg_url):
+    def queued(job_id: str) -> None:
+        store.record_enqueue(
+            dict(id=job_id, actor="echo", queue="default", args="[]", kwargs="{}", options="{}",
+                 priority=0, idempotency_key=None, created_at=time.time(), scheduled_for=None),
+            delayed=False,
+        )  # fmt: skip
+
+    queued("job-1")
+    queued("job-2")
+    request = StartRequest("job-1", "h", 1, None, 60.0, time.time())
+    assert store.writer.write(store.record_attempts, request).number == 1
+    # when PostgreSQL ends the writer's session (a restart, a failover, an administrator)
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        killed = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+    assert killed
+
+    # then the next batch is an outage, waited out on a new session: the start is committed
+    assert store.writer.write(store.record_attempts, request._replace(job_id="job-2")).number == 1
+    # and a write the database refuses is an error of its own, raised to its writer alone
+    with pytest.raises(IntegrityError):
+        store.writer.write(store.record_attempts, AttemptEnd.of("job-1", 1, Outcome.SUCCEEDED, run=request.run(None)))
 
 
 def test_a_batch_of_a_one_statement_kind_is_committed_by_it_and_any_other_in_a_transaction(store):
