@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
 
-from sqlalchemy import Connection, Engine, and_, bindparam, create_engine, delete, event, func, literal_column, or_, select, text, tuple_, update
+from sqlalchemy import Connection, Engine, and_, bindparam, case, create_engine, delete, event, func, literal_column, or_, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.pool import NullPool
@@ -370,9 +370,9 @@ _END_COLUMNS = {
 
 #: The writer's batch on PostgreSQL in one statement: the queued jobs of the starts moved to
 #: `running` with their attempt's worker (as `Store.start_attempts` does), and the ends with
-#: their attempt rows (as `Store.finish_attempts` does). Returns the jobs started; the other starts are left
-#: undecided (`AttemptStart.undecided`). The ``= ANY(ids)`` conditions repeat the joins
-#: for the planner: psycopg prepares the statement, and PostgreSQL's generic plan, which takes
+#: their attempt rows (as `Store.finish_attempts` does). Returns the jobs started; the other
+#: starts are left undecided (`AttemptStart.undecided`). The ``= ANY(ids)`` conditions repeat
+#: the joins for the planner: psycopg prepares the statement, and PostgreSQL's generic plan, which takes
 #: each set of rows for 100 rows, would otherwise scan a small jobs table whole. The started
 #: jobs' state is compared as ``state || ''``, which no index serves, so that they are found
 #: by their key: with statistics taken before a burst of sends, the planner judged
@@ -745,19 +745,21 @@ class Store:
 
     def _start_running(self, connection: Connection, request: StartRequest, now: float) -> AttemptStart:
         """Start a job that was not queued: take it over if its worker died, else say why not."""
+        run = _running_attempt()
         found = connection.execute(
             select(
-                jobs.c.state, jobs.c.attempts, jobs.c.cancel_requested_at, jobs.c.started_at, jobs.c.attempt_host,
-                jobs.c.attempt_pid, jobs.c.attempt_worker_id, jobs.c.attempt_token, workers.c.heartbeat_at,
-                workers.c.stopped_at,
+                jobs.c.state, jobs.c.attempts, jobs.c.cancel_requested_at, jobs.c.started_at, *run.values(),
+                workers.c.heartbeat_at, workers.c.stopped_at,
             )  # fmt: skip
-            .select_from(jobs.outerjoin(workers, workers.c.id == jobs.c.attempt_worker_id))
+            .select_from(
+                jobs.outerjoin(attempts, _open_attempt_row()).outerjoin(workers, workers.c.id == run["worker_id"])
+            )
             .where(jobs.c.id == request.job_id)
         ).first()
         if found is None or found.state != JobState.RUNNING:
             return AttemptStart(None)
         own = (request.worker_id, request.requested_at)
-        if request.worker_id is not None and (found.attempt_worker_id, found.attempt_token) == own:
+        if request.worker_id is not None and (found.worker_id, found.start_token) == own:
             return _started(found)  # this very start, committed by a try whose reply was lost
         alive = (
             found.heartbeat_at is not None
@@ -778,7 +780,7 @@ class Store:
         if number is None:  # another delivery took it over first: it runs there now
             return AttemptStart(None, running_elsewhere=True)
         abandoned = AttemptRun(
-            found.attempt_host or "", found.attempt_pid or 0, found.attempt_worker_id, found.started_at, found.attempt_token
+            found.host or "", found.pid or 0, found.worker_id, found.run_started_at, found.start_token
         )
         connection.execute(
             self._insert_ended_attempts,
@@ -898,7 +900,11 @@ class Store:
         trail = [_attempt(row) for row in rows]
         if job.state == JobState.RUNNING and job.attempt_host is not None and job.attempts not in {a.number for a in trail}:
             trail.append(
-                Attempt(job_id, job.attempts, job.attempt_host, job.attempt_pid, job.started_at, *[None] * 6)
+                Attempt(
+                    job_id=job_id, number=job.attempts, worker_host=job.attempt_host, worker_pid=job.attempt_pid,
+                    started_at=job.started_at, finished_at=None, duration_ms=None, outcome=None, error_type=None,
+                    error_message=None, traceback=None,
+                )  # fmt: skip
             )
         return trail
 
@@ -1032,6 +1038,28 @@ class Store:
             .values({"state": to, "updated_at": time.time(), **values})
         )
         return moved.rowcount == 1
+
+
+def _open_attempt_row() -> Any:
+    """The job's latest attempt row, when it is still open: only a worker of schema 5 or older
+    opens one (a rolling upgrade, or a job it started before the migration)."""
+    return and_(attempts.c.job_id == jobs.c.id, attempts.c.number == jobs.c.attempts, attempts.c.finished_at.is_(None))
+
+
+def _running_attempt() -> dict[str, Any]:
+    """Who runs a job's latest attempt, as columns by name (outer-joined with
+    `_open_attempt_row`): from the open attempt row if there is one, else from the job's row
+    (see `engine.schema`)."""
+    return {
+        name: case((attempts.c.id.is_not(None), open_row), else_=job_row).label(name)
+        for name, open_row, job_row in (
+            ("host", attempts.c.worker_host, jobs.c.attempt_host),
+            ("pid", attempts.c.worker_pid, jobs.c.attempt_pid),
+            ("worker_id", attempts.c.worker_id, jobs.c.attempt_worker_id),
+            ("run_started_at", attempts.c.started_at, jobs.c.started_at),
+            ("start_token", attempts.c.start_token, jobs.c.attempt_token),
+        )
+    }
 
 
 def _finished_before(cutoff: float) -> Any:

@@ -119,3 +119,32 @@ def test_after_version_6_a_job_started_before_it_keeps_its_worker_and_ends_in_it
     assert (ended.worker_host, ended.started_at, ended.outcome) == ("old", 10.0, Outcome.SUCCEEDED)
     assert store.get("a").state == JobState.SUCCEEDED
     store.close()
+
+
+def test_a_job_a_schema_5_worker_started_after_the_migration_is_left_to_it_while_it_lives(store_url):
+    store = Store(store_url)
+    store.upgrade()
+    # attempt 1 ran under a worker of this version, now dead; attempt 2 is run by a worker of
+    # schema 5, still running during a rolling upgrade: it opened a row and left the job's alone
+    store.record_enqueue(job_row("a"), delayed=False)
+    store.heartbeat("w-new", host="new", pid=1)
+    store.start_attempt("a", host="new", pid=1, worker_id="w-new", dead_after_s=60)
+    store.mark_workers_stopped(worker_id="w-new")
+    store.heartbeat("w-old", host="old", pid=2)
+    with store.transaction() as connection:
+        connection.execute(schema.jobs.update().where(schema.jobs.c.id == "a").values(attempts=2, started_at=20.0))
+        connection.execute(
+            schema.attempts.insert().values(
+                job_id="a", number=2, worker_host="old", worker_pid=2, worker_id="w-old", started_at=20.0, start_token=19.0
+            )
+        )
+
+    # then a redelivery finds the worker of the open row alive, not the dead one of the job's row
+    redelivered = store.start_attempt("a", host="other", pid=3, worker_id="w-other", dead_after_s=60)
+    assert redelivered == AttemptStart(None, running_elsewhere=True)
+    # and once that worker is gone, the takeover closes that row as abandoned, with its worker
+    store.mark_workers_stopped(worker_id="w-old")
+    assert store.start_attempt("a", host="other", pid=3, worker_id="w-other", dead_after_s=60).number == 3
+    second = {attempt.number: attempt for attempt in store.list_attempts("a")}[2]
+    assert (second.number, second.worker_host, second.outcome) == (2, "old", Outcome.ABANDONED)
+    store.close()
