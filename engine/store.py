@@ -745,17 +745,7 @@ class Store:
 
     def _start_running(self, connection: Connection, request: StartRequest, now: float) -> AttemptStart:
         """Start a job that was not queued: take it over if its worker died, else say why not."""
-        run = _running_attempt()
-        found = connection.execute(
-            select(
-                jobs.c.state, jobs.c.attempts, jobs.c.cancel_requested_at, jobs.c.started_at, *run.values(),
-                workers.c.heartbeat_at, workers.c.stopped_at,
-            )  # fmt: skip
-            .select_from(
-                jobs.outerjoin(attempts, _open_attempt_row()).outerjoin(workers, workers.c.id == run["worker_id"])
-            )
-            .where(jobs.c.id == request.job_id)
-        ).first()
+        found = _latest_attempt(connection, request.job_id)
         if found is None or found.state != JobState.RUNNING:
             return AttemptStart(None)
         own = (request.worker_id, request.requested_at)
@@ -779,30 +769,19 @@ class Store:
         ).scalar()
         if number is None:  # another delivery took it over first: it runs there now
             return AttemptStart(None, running_elsewhere=True)
-        abandoned = AttemptRun(
-            found.host or "", found.pid or 0, found.worker_id, found.run_started_at, found.start_token
-        )
-        connection.execute(
-            self._insert_ended_attempts,
-            AttemptEnd.of(request.job_id, found.attempts, Outcome.ABANDONED, run=abandoned).attempt_row(now),
-        )
+        abandoned = AttemptEnd.of(request.job_id, found.attempts, Outcome.ABANDONED, run=_run_of(found))
+        connection.execute(self._insert_ended_attempts, abandoned.attempt_row(now))
         return AttemptStart(number, cancel_requested=found.cancel_requested_at is not None, started_at=now)
 
     def finish_attempt(self, job_id: str, number: int, outcome: Outcome, **fields: Any) -> None:
         """Record how attempt `number`, the job's latest, ended and, when a `state` is given,
         end the job there, in a transaction of its own (see `finish_attempts`; `fields` as
-        `AttemptEnd.of`, without `run`: it is read from the job's row)."""
+        `AttemptEnd.of`, without `run`: it is read from the store)."""
         with self.transaction() as connection:
-            row = connection.execute(
-                select(
-                    jobs.c.attempt_host, jobs.c.attempt_pid, jobs.c.attempt_worker_id, jobs.c.started_at,
-                    jobs.c.attempt_token,
-                ).where(jobs.c.id == job_id)
-            ).first()
-            if row is None:
+            found = _latest_attempt(connection, job_id)
+            if found is None:
                 raise JobNotFound(job_id)
-            run = AttemptRun(row.attempt_host or "", row.attempt_pid or 0, *row[2:])
-            self.finish_attempts(connection, [AttemptEnd.of(job_id, number, outcome, run=run, **fields)])
+            self.finish_attempts(connection, [AttemptEnd.of(job_id, number, outcome, run=_run_of(found), **fields)])
 
     def finish_attempts(self, connection: Connection, ends: list[AttemptEnd]) -> list[None]:
         """Write the rows of ended attempts, in `connection`'s transaction, one executemany
@@ -1044,6 +1023,25 @@ def _open_attempt_row() -> Any:
     """The job's latest attempt row, when it is still open: only a worker of schema 5 or older
     opens one (a rolling upgrade, or a job it started before the migration)."""
     return and_(attempts.c.job_id == jobs.c.id, attempts.c.number == jobs.c.attempts, attempts.c.finished_at.is_(None))
+
+
+def _latest_attempt(connection: Connection, job_id: str) -> Any:
+    """The job's state, attempt count, cancel request and start, who runs its latest attempt
+    (`_running_attempt`) and that worker's heartbeat; None for an unknown job."""
+    run = _running_attempt()
+    return connection.execute(
+        select(
+            jobs.c.state, jobs.c.attempts, jobs.c.cancel_requested_at, jobs.c.started_at, *run.values(),
+            workers.c.heartbeat_at, workers.c.stopped_at,
+        )  # fmt: skip
+        .select_from(jobs.outerjoin(attempts, _open_attempt_row()).outerjoin(workers, workers.c.id == run["worker_id"]))
+        .where(jobs.c.id == job_id)
+    ).first()
+
+
+def _run_of(latest: Any) -> AttemptRun:
+    """Who runs the attempt that `_latest_attempt` found."""
+    return AttemptRun(latest.host or "", latest.pid or 0, latest.worker_id, latest.run_started_at, latest.start_token)
 
 
 def _running_attempt() -> dict[str, Any]:
