@@ -866,22 +866,19 @@ class Store:
         """The audit trail of a job, oldest attempt first, the running one last (its row is
         written when it ends: until then it is read from the job's row). Raises: JobNotFound."""
         with self.reading() as connection:
-            job = connection.execute(
-                select(
-                    jobs.c.state, jobs.c.attempts, jobs.c.started_at, jobs.c.attempt_host, jobs.c.attempt_pid,
-                ).where(jobs.c.id == job_id)
-            ).first()
-            if job is None:
+            latest = _latest_attempt(connection, job_id)
+            if latest is None:
                 raise JobNotFound(job_id)
             rows = connection.execute(
                 select(attempts).where(attempts.c.job_id == job_id).order_by(attempts.c.number)
             ).all()
         trail = [_attempt(row) for row in rows]
-        if job.state == JobState.RUNNING and job.attempt_host is not None and job.attempts not in {a.number for a in trail}:
+        if latest.state == JobState.RUNNING and latest.host is not None and latest.attempts not in {a.number for a in trail}:
+            run = _run_of(latest)
             trail.append(
                 Attempt(
-                    job_id=job_id, number=job.attempts, worker_host=job.attempt_host, worker_pid=job.attempt_pid,
-                    started_at=job.started_at, finished_at=None, duration_ms=None, outcome=None, error_type=None,
+                    job_id=job_id, number=latest.attempts, worker_host=run.host, worker_pid=run.pid,
+                    started_at=run.started_at, finished_at=None, duration_ms=None, outcome=None, error_type=None,
                     error_message=None, traceback=None,
                 )  # fmt: skip
             )
