@@ -20,9 +20,9 @@ from sqlalchemy import func, select
 
 import engine
 from engine import JobState, PermanentError
-from engine.schema import attempts, jobs
+from engine.schema import jobs
 from engine.settings import get_settings
-from engine.store import Store
+from engine.store import Store, ended_attempt_durations
 
 
 @engine.actor(max_retries=2, time_limit=10 * 60_000)
@@ -88,12 +88,8 @@ def _count_jobs(store: Store, since: float) -> tuple[dict[str, int], dict[str, d
 
 def _durations(store: Store, since: float) -> dict[str, list[float]]:
     """The durations of every ended attempt of the jobs, sorted, per actor."""
-    query = (
-        select(jobs.c.actor, attempts.c.duration_ms)
-        .join(attempts, attempts.c.job_id == jobs.c.id)
-        .where(jobs.c.created_at >= since, attempts.c.duration_ms.is_not(None))
-        .order_by(jobs.c.actor, attempts.c.duration_ms)
-    )
+    ended = ended_attempt_durations(since).subquery()
+    query = select(ended.c.actor, ended.c.duration_ms).order_by(ended.c.actor, ended.c.duration_ms)
     durations: dict[str, list[float]] = defaultdict(list)
     with store.reading() as connection:
         for actor, duration in connection.execute(query):

@@ -10,7 +10,7 @@ from sqlalchemy import update
 
 from engine.job import JobState, Outcome
 from engine.schema import workers
-from engine.store import AttemptStart, StartRequest, Store
+from engine.store import AttemptEnd, AttemptStart, StartRequest, Store
 
 DEAD_AFTER_S = 10
 
@@ -141,3 +141,60 @@ def test_jobs_whose_message_never_came_are_claimed_once(store):
     assert [options for _, options in claimed] == [{"max_retries": 2}] * 2
     # claimed: not taken again before another 60 s
     assert store.claim_unsent(["default"], older_than_s=60) == []
+
+
+# -- the audit trail: the writer's batches (one statement per batch on PostgreSQL, where
+# tests/integration/test_store_postgres.py runs these again) -----------------------------------
+
+
+def run_attempt(store: Store, job_id: str, outcome: Outcome, state: JobState, **fields) -> None:
+    """One attempt of the job through the writer, as Tracking records it: its start, then its end."""
+    request = StartRequest(job_id, "h", 1, "w1", DEAD_AFTER_S, time.time())
+    started = store.writer.write(store.record_attempts, request)
+    assert started.number is not None, started
+    end = AttemptEnd.of(job_id, started.number, outcome, run=request.run(started.started_at), state=state, **fields)
+    store.writer.write(store.record_attempts, end)
+
+
+def test_a_job_that_succeeds_at_once_has_its_attempt_in_its_trail(store, job):
+    store.heartbeat("w1", host="h", pid=1)
+    run_attempt(store, job, Outcome.SUCCEEDED, JobState.SUCCEEDED, result="42")
+
+    (attempt,) = store.list_attempts(job)
+    ended = store.get(job)
+    assert (attempt.number, attempt.outcome, attempt.worker_host, attempt.worker_pid) == (1, Outcome.SUCCEEDED, "h", 1)
+    assert (attempt.started_at, attempt.finished_at) == (ended.started_at, ended.finished_at)
+    assert attempt.duration_ms == pytest.approx((ended.finished_at - ended.started_at) * 1000)
+
+
+def test_a_job_that_succeeds_when_retried_keeps_the_failed_attempt_with_its_traceback(store, job):
+    store.heartbeat("w1", host="h", pid=1)
+    run_attempt(store, job, Outcome.FAILED, JobState.FAILED, error=ValueError("flaky"), traceback="Traceback: flaky")
+    store.requeue(job)  # engine retry
+    run_attempt(store, job, Outcome.SUCCEEDED, JobState.SUCCEEDED)
+
+    first, second = store.list_attempts(job)
+    assert (first.number, first.outcome, first.error_type, first.traceback) == (
+        1, Outcome.FAILED, "ValueError", "Traceback: flaky"
+    )  # fmt: skip
+    assert (second.number, second.outcome, second.error_type) == (2, Outcome.SUCCEEDED, None)
+    assert second.started_at > first.started_at and second.duration_ms is not None
+
+
+def test_a_success_after_its_attempt_was_taken_for_abandoned_completes_that_attempt(store, job):
+    # given a job whose worker was taken for dead while it ran: attempt 1 abandoned, 2 started
+    store.heartbeat("w1", host="h", pid=1)
+    request = StartRequest(job, "h", 1, "w1", DEAD_AFTER_S, time.time())
+    first = store.writer.write(store.record_attempts, request)
+    store.mark_workers_stopped(worker_id="w1")
+    store.heartbeat("w2", host="h", pid=2)
+    assert start(store, job, "w2", pid=2) == AttemptStart(2)
+
+    # when the first worker, alive after all, ends attempt 1 successfully
+    end = AttemptEnd.of(job, 1, Outcome.SUCCEEDED, run=request.run(first.started_at), state=JobState.SUCCEEDED)
+    store.writer.write(store.record_attempts, end)
+
+    # then attempt 1's row says so, and attempt 2 is still shown, from the job's row
+    trail = store.list_attempts(job)
+    assert [(a.number, a.outcome, a.worker_pid) for a in trail][0] == (1, Outcome.SUCCEEDED, 1)
+    assert [a.number for a in trail] == [1, 2]

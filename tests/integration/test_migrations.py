@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from engine import migrations, schema
 from engine.errors import DuplicateJob
 from engine.job import JobState, Outcome
-from engine.store import AttemptStart, Store
+from engine.store import AttemptEnd, AttemptRun, AttemptStart, Store
 
 #: Columns that schema version 1 did not have, by the version that added them.
 ADDED = {
@@ -89,7 +89,10 @@ def test_after_version_5_idempotency_keys_stay_unique_in_a_partial_index(store_u
     store.close()
 
 
-def test_after_version_6_a_job_started_before_it_keeps_its_worker_and_ends_in_its_attempt_row(store_url, monkeypatch):
+@pytest.mark.parametrize("ended_by", ["finish_attempt", "writer"])
+def test_after_version_6_a_job_started_before_it_keeps_its_worker_and_ends_in_its_attempt_row(
+    store_url, monkeypatch, ended_by
+):
     store = Store(store_url)
     create_version_1(store)
     monkeypatch.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:-1])
@@ -113,8 +116,14 @@ def test_after_version_6_a_job_started_before_it_keeps_its_worker_and_ends_in_it
     store.heartbeat("w-old", host="old", pid=7)
     started = store.start_attempt("a", host="new", pid=8, worker_id="w-new", dead_after_s=60)
     assert started == AttemptStart(None, running_elsewhere=True)
-    # and its end completes the attempt row it opened
-    store.finish_attempt("a", 1, Outcome.SUCCEEDED, state=JobState.SUCCEEDED)
+    # and its end, in a transaction of its own or in a batch of the writer's, completes the
+    # attempt row it opened
+    if ended_by == "writer":
+        run = AttemptRun("old", 7, "w-old", 10.0, 9.0)
+        end = AttemptEnd.of("a", 1, Outcome.SUCCEEDED, run=run, state=JobState.SUCCEEDED)
+        store.writer.write(store.record_attempts, end)
+    else:
+        store.finish_attempt("a", 1, Outcome.SUCCEEDED, state=JobState.SUCCEEDED)
     [ended] = store.list_attempts("a")
     assert (ended.worker_host, ended.started_at, ended.outcome) == ("old", 10.0, Outcome.SUCCEEDED)
     assert store.get("a").state == JobState.SUCCEEDED

@@ -17,6 +17,12 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from engine.job import JobState, Outcome
 from engine.store import AttemptEnd, AttemptStart, StartRequest, Store
 from engine.writer import GroupCommit
+from tests.test_store import (  # the audit trail's tests, again on PostgreSQL's one-statement batches
+    job,
+    test_a_job_that_succeeds_at_once_has_its_attempt_in_its_trail,
+    test_a_job_that_succeeds_when_retried_keeps_the_failed_attempt_with_its_traceback,
+    test_a_success_after_its_attempt_was_taken_for_abandoned_completes_that_attempt,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -137,9 +143,12 @@ def test_a_batch_whose_session_is_killed_is_committed_on_a_new_one_and_a_bad_one
 
     # then the next batch is an outage, waited out on a new session: the start is committed
     assert store.writer.write(store.record_attempts, request._replace(job_id="job-2")).number == 1
-    # and a write the database refuses is an error of its own, raised to its writer alone
+    # and a write the database refuses (an attempt row without its start) is an error of its
+    # own, raised to its writer alone
     with pytest.raises(IntegrityError):
-        store.writer.write(store.record_attempts, AttemptEnd.of("job-1", 1, Outcome.SUCCEEDED, run=request.run(None)))
+        store.writer.write(
+            store.record_attempts, AttemptEnd.of("job-1", 1, Outcome.FAILED, state=JobState.FAILED, run=request.run(None))
+        )
 
 
 def test_a_batch_of_a_one_statement_kind_is_committed_by_it_and_any_other_in_a_transaction(store):
