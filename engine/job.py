@@ -55,7 +55,8 @@ REENQUEUE_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 
 
 class Outcome(StrEnum):
-    """How one attempt ended; one attempt row per execution keeps it."""
+    """How one attempt ended: in the attempt's row, or in its job's row for the attempt that
+    ended the job as `succeeded` (see `engine.schema`)."""
 
     SUCCEEDED = "succeeded"
     WILL_RETRY = "error-will-retry"

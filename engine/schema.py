@@ -1,11 +1,12 @@
 """The store's tables, with indexes chosen for the queries the engine runs.
 
 - jobs: one row per job; the source of truth for its state (Oban's model).
-- attempts: one row per execution that ended without succeeding (an error, a time-out, a
-  cancel, an abandoned run), kept when the job later succeeds: the audit trail. A job's
-  latest attempt is in its job's row while it runs, and stays there when it succeeds: most
-  jobs succeed at once, and each then costs no attempt row (`engine.store.list_attempts`
-  puts the trail together).
+- attempts: one row per execution that ended (an error, a time-out, a cancel, an abandoned
+  run), kept when the job later succeeds: the audit trail. Except one: the attempt that ends
+  its job as `succeeded` stays in its job's row, where its worker and start were written
+  while it ran (`attempt_*`, `started_at`), with its end (`finished_at`). Most jobs succeed
+  at their first attempt and then cost no attempt row; `engine.store.Store.list_attempts`
+  puts the trail together.
 - workers: one row per worker process, with its heartbeat: how a job whose worker died is told
   from one whose worker is merely slow.
 - messages: the embedded broker's queue; unused when RabbitMQ is the broker.

@@ -307,10 +307,8 @@ _END_JOB = {
 #: What an ended attempt's row takes from its end when the row exists (see `_completing`).
 _ENDED_COLUMNS = ("finished_at", "duration_ms", "outcome", "error_type", "error_message", "traceback")
 
-#: The columns of an attempt's row, as `AttemptEnd.attempt_row` gives them.
-_ATTEMPT_ROW_COLUMNS = (
-    "job_id", "number", "worker_host", "worker_pid", "worker_id", "started_at", "start_token", *_ENDED_COLUMNS
-)
+#: The columns of an attempt's row that `AttemptEnd.attempt_row` gives: all but its key.
+_ATTEMPT_ROW_COLUMNS = tuple(column.name for column in attempts.columns if not column.primary_key)
 
 
 def _completing(ended: Any) -> Any:
@@ -321,24 +319,30 @@ def _completing(ended: Any) -> Any:
     )
 
 
-def _insert_ended_unless_in_job(insert: Callable[[Any], Any]) -> Any:
-    """The INSERT of `AttemptEnd.attempt_row` values (executemany) after their jobs' update, in
-    its transaction, that writes no row for an attempt that succeeded and moved its job to
-    `succeeded`, unless one exists: that attempt is its job's latest, and the job's row holds
-    its worker (``attempt_*``), its start and its end (`Store.list_attempts` reads it there).
+def _ended_attempts_insert(insert: Callable[[Any], Any]) -> Any:
+    """The INSERT of ended attempts' rows (`AttemptEnd.attempt_row`, executemany), run after
+    their jobs' update in the same transaction, that skips the attempt whose end moved its job
+    to `succeeded` (its job's row holds it: see `engine.schema`) unless that attempt has a row
+    already (a takeover's, a schema-5 start's), which it completes.
 
-    Most jobs succeed at their first attempt, and that insert (a row, two index entries, a
-    foreign-key check) was a fifth of PostgreSQL's CPU per job. Every attempt that did not
-    succeed keeps its row: the trail of errors, tracebacks and abandoned runs.
+    The job's row shows that this end moved it: `succeeded`, with this attempt's number and this
+    end's time as its `finished_at` (the update and the row share `now`). Most jobs succeed at
+    their first attempt, and that insert (a row, two index entries, a foreign-key check) was a
+    fifth of PostgreSQL's CPU per job. `_RECORD_ATTEMPTS_PG` applies the same rule.
     """
     row = {name: bindparam(name, type_=attempts.c[name].type) for name in _ATTEMPT_ROW_COLUMNS}
-    in_job = and_(
-        row["outcome"] == Outcome.SUCCEEDED.value,
+    ended_the_job = (
         select(jobs.c.id)
-        .where(jobs.c.id == row["job_id"], jobs.c.attempts == row["number"], jobs.c.state == JobState.SUCCEEDED)
-        .exists(),
-        ~select(attempts.c.id).where(attempts.c.job_id == row["job_id"], attempts.c.number == row["number"]).exists(),
+        .where(
+            jobs.c.id == row["job_id"], jobs.c.state == JobState.SUCCEEDED,
+            jobs.c.attempts == row["number"], jobs.c.finished_at == row["finished_at"],
+        )  # fmt: skip
+        .exists()
     )
+    has_row = (
+        select(attempts.c.id).where(attempts.c.job_id == row["job_id"], attempts.c.number == row["number"]).exists()
+    )
+    in_job = and_(row["outcome"] == Outcome.SUCCEEDED.value, ended_the_job, ~has_row)
     chosen = select(*(value.label(name) for name, value in row.items())).where(~in_job)
     return _completing(insert(attempts).from_select(list(_ATTEMPT_ROW_COLUMNS), chosen))
 
@@ -404,10 +408,11 @@ _END_COLUMNS = {
 
 #: The writer's batch on PostgreSQL in one statement: the queued jobs of the starts moved to
 #: `running` with their attempt's worker (as `Store.start_attempts` does), and the ends with
-#: their attempt rows unless their job's row holds them (as `Store.finish_attempts` does).
-#: Returns the jobs started; the other starts are left undecided (`AttemptStart.undecided`). The ``= ANY(ids)`` conditions repeat
-#: the joins for the planner: psycopg prepares the statement, and PostgreSQL's generic plan, which takes
-#: each set of rows for 100 rows, would otherwise scan a small jobs table whole. The started
+#: their attempt rows but for those whose job's row holds them (`_ended_attempts_insert`'s
+#: rule, with the jobs this statement's update moved). Returns the jobs started; the other
+#: starts are left undecided (`AttemptStart.undecided`). The ``= ANY(ids)`` conditions repeat
+#: the joins for the planner: psycopg prepares the statement, and PostgreSQL's generic plan,
+#: which takes each set of rows for 100 rows, would otherwise scan a small jobs table whole. The started
 #: jobs' state is compared as ``state || ''``, which no index serves, so that they are found
 #: by their key: with statistics taken before a burst of sends, the planner judged
 #: ``ix_jobs_state_created`` selective and walked every queued job (3 ms per batch at 20,000).
@@ -442,7 +447,7 @@ WITH s AS (
   SELECT job_id, number, host, pid, worker_id, started_at, start_token,
     :now, (:now - started_at) * 1000, outcome, error_type, error_message, traceback FROM e
   WHERE NOT (
-    e.outcome = '{Outcome.SUCCEEDED.value}'
+    e.outcome = '{Outcome.SUCCEEDED.value}' AND e.state IS NOT DISTINCT FROM '{JobState.SUCCEEDED.value}'
     AND EXISTS (SELECT 1 FROM ended WHERE ended.id = e.job_id AND ended.attempts = e.number)
     AND NOT EXISTS (SELECT 1 FROM attempts AS a WHERE a.job_id = e.job_id AND a.number = e.number)
   )
@@ -467,8 +472,8 @@ class Store:
         self._insert = (sqlite if self.engine.dialect.name == "sqlite" else postgresql).insert
         # rowcount is not reliable for ON CONFLICT with every driver: RETURNING says which went in.
         self._insert_new_jobs = self._insert(jobs).on_conflict_do_nothing(index_elements=["id"]).returning(jobs.c.id)
-        self._insert_ended_attempt = _completing(self._insert(attempts))
-        self._insert_ended_unless_in_job = _insert_ended_unless_in_job(self._insert)
+        self._insert_abandoned = _completing(self._insert(attempts))
+        self._insert_ended = _ended_attempts_insert(self._insert)
         self._current: ContextVar[Optional[Connection]] = ContextVar(f"store-{id(self)}", default=None)
         #: Commits the writes of this process's worker threads together (see `engine.writer`).
         self._writer_engine = _create_writer_engine(url, self.engine)
@@ -808,7 +813,7 @@ class Store:
         if number is None:  # another delivery took it over first: it runs there now
             return AttemptStart(None, running_elsewhere=True)
         abandoned = AttemptEnd.of(request.job_id, found.attempts, Outcome.ABANDONED, run=_run_of(found))
-        connection.execute(self._insert_ended_attempt, abandoned.attempt_row(now))
+        connection.execute(self._insert_abandoned, abandoned.attempt_row(now))
         return AttemptStart(number, cancel_requested=found.cancel_requested_at is not None, started_at=now)
 
     def finish_attempt(self, job_id: str, number: int, outcome: Outcome, **fields: Any) -> None:
@@ -838,7 +843,7 @@ class Store:
         rows = [end.parameters(now) for end in ends]
         for state in {end.state for end in ends}:
             connection.execute(_END_JOB[state], [row for row in rows if row["b_state"] == state])
-        connection.execute(self._insert_ended_unless_in_job, [end.attempt_row(now) for end in ends])
+        connection.execute(self._insert_ended, [end.attempt_row(now) for end in ends])
         return [None] * len(ends)
 
     def set_progress(self, job_id: str, percent: float, message: Optional[str]) -> None:
@@ -901,9 +906,9 @@ class Store:
         return json.loads(options)
 
     def list_attempts(self, job_id: str) -> list[Attempt]:
-        """The audit trail of a job, oldest attempt first. Its latest attempt, while it runs or
-        once it has succeeded, is read from the job's row when it has no row of its own (see
-        `_insert_ended_unless_in_job`). Raises: JobNotFound."""
+        """The audit trail of a job, oldest attempt first. Its latest attempt, while it runs and
+        once it has ended the job as `succeeded`, is read from the job's row when it has no row
+        of its own (see `engine.schema`). Raises: JobNotFound."""
         with self.reading() as connection:
             latest = _latest_attempt(connection, job_id)
             if latest is None:
@@ -914,7 +919,10 @@ class Store:
         trail = [_attempt(row) for row in rows]
         if latest.host is not None and latest.attempts not in {attempt.number for attempt in trail}:
             if latest.state in (JobState.RUNNING, JobState.SUCCEEDED):
-                trail.append(_attempt_in_job(job_id, latest))
+                # Unless an earlier attempt, taken for abandoned but alive, ended the job: the
+                # end of this one is not known yet.
+                ended_it = latest.state == JobState.SUCCEEDED and Outcome.SUCCEEDED not in {a.outcome for a in trail}
+                trail.append(_attempt_in_job(job_id, latest, ended_it))
         return trail
 
     def list_jobs(
@@ -1051,33 +1059,26 @@ class Store:
 
 def ended_attempt_durations(since: float) -> Any:
     """A query of (actor, duration_ms), one row per ended attempt of the jobs created since
-    `since`: the attempts' rows, and the succeeded attempts that only their job's row holds
-    (see `_insert_ended_unless_in_job`)."""
+    `since`: the attempts' rows, and the attempts that ended their job as `succeeded` and that
+    only their job's row holds (see `engine.schema`)."""
     with_rows = (
         select(jobs.c.actor, attempts.c.duration_ms)
         .join(attempts, attempts.c.job_id == jobs.c.id)
         .where(jobs.c.created_at >= since, attempts.c.duration_ms.is_not(None))
     )
-    in_job_rows = (
-        select(jobs.c.actor, ((jobs.c.finished_at - jobs.c.started_at) * 1000).label("duration_ms"))
-        .select_from(jobs.outerjoin(attempts, _latest_attempt_row()))
-        .where(
-            jobs.c.created_at >= since, jobs.c.state == JobState.SUCCEEDED,
-            jobs.c.attempt_host.is_not(None), attempts.c.id.is_(None),
-        )  # fmt: skip
-    )
+    # A row for its latest attempt, or for an attempt taken for abandoned that ended it after all.
+    in_a_row = or_(attempts.c.number == jobs.c.attempts, attempts.c.outcome == Outcome.SUCCEEDED)
+    in_job_rows = select(jobs.c.actor, ((jobs.c.finished_at - jobs.c.started_at) * 1000).label("duration_ms")).where(
+        jobs.c.created_at >= since, jobs.c.state == JobState.SUCCEEDED, jobs.c.attempt_host.is_not(None),
+        ~select(attempts.c.id).where(attempts.c.job_id == jobs.c.id, in_a_row).exists(),
+    )  # fmt: skip
     return with_rows.union_all(in_job_rows)
-
-
-def _latest_attempt_row() -> Any:
-    """The row of a job's latest attempt (an outer join's condition)."""
-    return and_(attempts.c.job_id == jobs.c.id, attempts.c.number == jobs.c.attempts)
 
 
 def _open_attempt_row() -> Any:
     """The job's latest attempt row, when it is still open: only a worker of schema 5 or older
     opens one (a rolling upgrade, or a job it started before the migration)."""
-    return and_(_latest_attempt_row(), attempts.c.finished_at.is_(None))
+    return and_(attempts.c.job_id == jobs.c.id, attempts.c.number == jobs.c.attempts, attempts.c.finished_at.is_(None))
 
 
 def _latest_attempt(connection: Connection, job_id: str) -> Any:
@@ -1164,15 +1165,15 @@ def _job(row: Any) -> Job:
     )
 
 
-def _attempt_in_job(job_id: str, latest: Any) -> Attempt:
-    """The latest attempt, running or succeeded, from its job's row (`_latest_attempt`)."""
+def _attempt_in_job(job_id: str, latest: Any, ended_the_job: bool) -> Attempt:
+    """The latest attempt from its job's row (`_latest_attempt`): running, or the one that
+    ended the job as `succeeded`."""
     run = _run_of(latest)
-    succeeded = latest.state == JobState.SUCCEEDED
-    finished_at = latest.finished_at if succeeded else None
+    finished_at = latest.finished_at if ended_the_job else None
     return Attempt(
         job_id=job_id, number=latest.attempts, worker_host=run.host, worker_pid=run.pid, started_at=run.started_at,
-        finished_at=finished_at, duration_ms=(finished_at - run.started_at) * 1000 if succeeded else None,
-        outcome=Outcome.SUCCEEDED if succeeded else None, error_type=None, error_message=None, traceback=None,
+        finished_at=finished_at, duration_ms=(finished_at - run.started_at) * 1000 if ended_the_job else None,
+        outcome=Outcome.SUCCEEDED if ended_the_job else None, error_type=None, error_message=None, traceback=None,
     )  # fmt: skip
 
 

@@ -194,7 +194,13 @@ def test_a_success_after_its_attempt_was_taken_for_abandoned_completes_that_atte
     end = AttemptEnd.of(job, 1, Outcome.SUCCEEDED, run=request.run(first.started_at), state=JobState.SUCCEEDED)
     store.writer.write(store.record_attempts, end)
 
-    # then attempt 1's row says so, and attempt 2 is still shown, from the job's row
-    trail = store.list_attempts(job)
-    assert [(a.number, a.outcome, a.worker_pid) for a in trail][0] == (1, Outcome.SUCCEEDED, 1)
-    assert [a.number for a in trail] == [1, 2]
+    # then attempt 1's row says so, and attempt 2 is shown running, from the job's row
+    trail = [(a.number, a.outcome, a.worker_pid) for a in store.list_attempts(job)]
+    assert trail == [(1, Outcome.SUCCEEDED, 1), (2, None, 2)]
+    assert store.get(job).state == JobState.SUCCEEDED
+    # and when attempt 2 ends too (the job has ended already), it gets a row of its own
+    run = request._replace(pid=2).run(time.time())
+    second = AttemptEnd.of(job, 2, Outcome.SUCCEEDED, run=run, state=JobState.SUCCEEDED)
+    store.writer.write(store.record_attempts, second)
+    trail = [(a.number, a.outcome, a.worker_pid) for a in store.list_attempts(job)]
+    assert trail == [(1, Outcome.SUCCEEDED, 1), (2, Outcome.SUCCEEDED, 2)]
