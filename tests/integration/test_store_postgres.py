@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from engine.job import JobState, Outcome
 from engine.store import AttemptEnd, AttemptStart, StartRequest, Store
 from engine.writer import GroupCommit
-from tests.test_store import (  # the audit trail's tests, again on PostgreSQL's one-statement batches
+from tests.test_store import (  # noqa: F401 (collected again here: the audit trail on PostgreSQL's batches)
     job,
     test_a_job_that_succeeds_at_once_has_its_attempt_in_its_trail,
     test_a_job_that_succeeds_when_retried_keeps_the_failed_attempt_with_its_traceback,
