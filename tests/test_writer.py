@@ -4,12 +4,13 @@ outcome; a database outage waited out by patient writes only."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import OperationalError
 
-from engine.writer import GroupCommit, Pending, wait_all
+from engine.writer import BatchThread, GroupCommit, Pending, wait_all
 
 
 @pytest.fixture
@@ -108,3 +109,52 @@ def test_a_pending_write_runs_its_callbacks_once_whenever_they_are_added():
     assert wait_all([pending], timeout=0)
     with pytest.raises(TimeoutError):
         Pending().result(timeout=0.01)
+
+
+class Batches:
+    """A `BatchThread` handler that remembers each batch and when it came."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[float, list[int]]] = []
+        self.handled = threading.Event()
+
+    def __call__(self, batch: list[int]) -> None:
+        self.batches.append((time.monotonic(), batch))
+        self.handled.set()
+
+    def close(self) -> None:
+        pass
+
+
+def put_spaced(thread: BatchThread[int], items: range, spacing_s: float) -> None:
+    for n in items:
+        thread.put(n)
+        time.sleep(spacing_s)
+
+
+def test_items_that_follow_closely_join_the_batch_of_the_first():
+    handler = Batches()
+    thread = BatchThread("gather", lambda: handler, max_batch=100, gather_gap_s=0.5, gather_max_s=10)
+
+    put_spaced(thread, range(5), 0.02)
+    thread.close(timeout=5)
+
+    assert [batch for _, batch in handler.batches] == [[0, 1, 2, 3, 4]]
+
+
+def test_a_lone_item_waits_one_gap_and_a_stream_is_cut_at_the_longest_gathering():
+    handler = Batches()
+    lone = BatchThread("gather", lambda: handler, max_batch=100, gather_gap_s=0.05, gather_max_s=30)
+    put_at = time.monotonic()
+    lone.put(1)
+    assert handler.handled.wait(timeout=5)
+    assert handler.batches[0][0] - put_at < 5  # the gap, not the 30 s of gathering
+    lone.close(timeout=5)
+
+    stream = Batches()
+    thread = BatchThread("gather", lambda: stream, max_batch=100, gather_gap_s=5, gather_max_s=0.2)
+    put_spaced(thread, range(20), 0.05)  # one second of items, each well within the gap
+    thread.close(timeout=10)
+
+    assert [n for _, batch in stream.batches for n in batch] == list(range(20))
+    assert len(stream.batches) >= 2
