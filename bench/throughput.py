@@ -17,8 +17,9 @@ listed too.
 Variants:
   bare           ``dramatiq bench.actors_bare -p P -t T``: Dramatiq's own RabbitMQ broker and
                  default middleware.
-  bare-pinned    the same, each worker process pinned to one CPU from outside, as the engine's
-                 supervisor pins its own (``ENGINE_PIN_CPUS=auto``): the like-for-like baseline.
+  bare-pinned    the same, each worker process pinned to one CPU and put under SCHED_BATCH from
+                 outside, as the engine's are (``ENGINE_PIN_CPUS=auto``, ``ENGINE_SCHED_BATCH``):
+                 the like-for-like baseline.
   engine-pg      ``engine worker -p P -t T``: RabbitMQ broker, PostgreSQL store, full tracking.
   engine-sqlite  ``engine worker -p P -t T``, embedded: SQLite store and SQLite broker, no RabbitMQ.
 

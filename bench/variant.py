@@ -84,8 +84,8 @@ class Variant:
 
     @property
     def pinned_from_outside(self) -> bool:
-        """Bare Dramatiq pinned as the engine's supervisor pins its workers (`ENGINE_PIN_CPUS`),
-        for a like-for-like comparison: Dramatiq itself does not pin."""
+        """Bare Dramatiq pinned and scheduled as the engine's workers are (`ENGINE_PIN_CPUS`,
+        `ENGINE_SCHED_BATCH`), for a like-for-like comparison: Dramatiq itself does neither."""
         return self.name == "bare-pinned"
 
     @property
@@ -158,7 +158,8 @@ class Workers:
 
     def _pin_while_booting(self) -> None:
         """Pin worker process i, every thread of it, to CPU i (round-robin), as the engine's
-        supervisor does; threads started later inherit it from those pinned."""
+        supervisor does, and put it under SCHED_BATCH, as the engine's BatchScheduling does;
+        threads started later inherit both from those set."""
         cpus = sorted(os.sched_getaffinity(0))
         deadline = time.monotonic() + PIN_WATCH_S
         while time.monotonic() < deadline:
@@ -166,6 +167,7 @@ class Workers:
                 for thread in _threads(child):
                     with suppress(OSError):
                         os.sched_setaffinity(thread, {cpus[index % len(cpus)]})
+                        os.sched_setscheduler(thread, os.SCHED_BATCH, os.sched_param(0))
             time.sleep(0.005)
 
     def check(self) -> None:

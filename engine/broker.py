@@ -27,6 +27,7 @@ from .errors import ConfigError
 from .middleware import Heartbeat, Retries, Tracking
 from .middleware.cancellation import Cancellation
 from .middleware.resend import Resend
+from .middleware.scheduling import BatchScheduling
 from .settings import Settings, get_settings
 from .store import Store
 
@@ -70,6 +71,7 @@ def build_middleware(settings: Settings, store: Store) -> list[Middleware]:
             min_backoff=settings.min_backoff_ms,
             max_backoff=settings.max_backoff_ms,
         ),
+        *([BatchScheduling()] if settings.sched_batch else []),
     ]
 
 

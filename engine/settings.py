@@ -61,6 +61,10 @@ class Settings(BaseSettings):
         default="auto",
         description="pin each worker process to one CPU, round-robin; auto: when there are at least as many as CPUs",
     )
+    sched_batch: bool = Field(
+        default=True,
+        description="run worker processes' threads under Linux's SCHED_BATCH policy (see engine.middleware.scheduling)",
+    )
 
     heartbeat_interval_s: float = Field(default=2.0, gt=0, description="how often a worker process says it lives")
     worker_dead_after_s: float = Field(
