@@ -9,14 +9,16 @@ writer thread per process takes every write that is waiting, applies them in one
 that wait for them. A batch that is one statement is committed by it, without a transaction
 around it (see `GroupCommit`).
 
-A batch is the writes waiting when the writer is free, and those that follow them closely:
-it takes more while each comes within `GATHER_GAP_S` of the last, for `GATHER_MAX_S` at most.
-Each commit costs PostgreSQL about 0.25 ms whatever its size (the statement, the flush of
-its log), and the writes of a busy process come in bursts: the threads that one commit
-releases each end a short job and ask to start the next within a few tens of microseconds of
-one another. Without the gap the writer took the first of them alone, and the threads ran as
-two half-sized groups, one committed while the other ran. A lone write waits one gap
-(0.1 ms); a write that comes while a batch is being committed goes into the next one.
+A batch is the writes waiting when the writer is free, and those that follow them. Each
+commit costs PostgreSQL about 0.25 ms whatever its size (the statement, the flush of its log),
+and the writes of a busy process come in bursts: the threads that one commit releases each end
+their job and ask to start the next. Taking only what was waiting, the writer took the first
+of them alone, and the threads ran as two half-sized groups, one committed while the other
+ran. So a write can say how many writes will follow it once it is committed (a job's start:
+the job's end and the next start), and the batch after it waits for them, for `GATHER_MAX_S`
+at most; otherwise a batch takes the writes that come within `GATHER_GAP_S` of the last.
+A lone write waits one gap (0.1 ms); a write that comes while a batch is being committed goes
+into the next one.
 """
 
 from __future__ import annotations
@@ -169,6 +171,9 @@ class BatchThread(Generic[T]):
       gather_gap_s(float): a batch also takes the items that come within this many seconds of
         the last one it took (0: only those waiting) ...
       gather_max_s(float): ... for this many seconds at most after its first.
+      followers: how many items handling an item brings soon (its thread, released, hands in
+        its next ones). A batch that follows a batch with followers waits for them instead of
+        a gap, for `gather_max_s` at most.
     """
 
     def __init__(
@@ -180,6 +185,7 @@ class BatchThread(Generic[T]):
         capacity: int = 0,
         gather_gap_s: float = 0.0,
         gather_max_s: float = 0.0,
+        followers: Optional[Callable[[T], int]] = None,
     ) -> None:
         self.name = name
         self.handler = handler
@@ -187,6 +193,8 @@ class BatchThread(Generic[T]):
         self.capacity = capacity
         self.gather_gap_s = gather_gap_s
         self.gather_max_s = gather_max_s
+        self.followers = followers
+        self._awaited = 0  # how many items the next batch waits for (see `_await_followers`)
         # SimpleQueue's put and get are C code under the GIL, without the Python-level locks
         # of queue.Queue: those made senders and the thread convoy on each other.
         self._items: queue.SimpleQueue[Optional[T]] = queue.SimpleQueue()
@@ -238,18 +246,30 @@ class BatchThread(Generic[T]):
                 batch = self._gather(first)
                 self._room.set()
                 handle(batch)
+                self._await_followers(batch)
         finally:
             handle.close()
 
+    def _await_followers(self, batch: list[T]) -> None:
+        """After `batch`: the next batch is to wait for the items waiting now and the followers
+        of `batch`, if it has any."""
+        expected = sum(map(self.followers, batch)) if self.followers is not None else 0
+        self._awaited = self._items.qsize() + expected if expected else 0
+
     def _gather(self, first: T) -> list[T]:
-        """`first`, the items waiting behind it and those that follow closely (`gather_gap_s`)."""
+        """`first`, the items waiting behind it, and those that follow: the followers of the
+        last batch if it had any (`followers`), else those that come closely (`gather_gap_s`)."""
         batch = [first]
         until = time.monotonic() + self.gather_max_s
         while len(batch) < self.max_batch:
             try:
                 more = self._items.get_nowait()
             except queue.Empty:
-                wait = min(self.gather_gap_s, until - time.monotonic())
+                left = until - time.monotonic()
+                if self._awaited:
+                    wait = left if len(batch) < self._awaited else 0.0
+                else:
+                    wait = min(self.gather_gap_s, left)
                 if wait <= 0:
                     break
                 try:
@@ -268,6 +288,7 @@ class _Write(NamedTuple):
     item: Any
     patient: bool
     future: Pending[Any]
+    followers: int
 
 
 class GroupCommit:
@@ -302,19 +323,24 @@ class GroupCommit:
             max_batch=MAX_BATCH,
             gather_gap_s=GATHER_GAP_S,
             gather_max_s=GATHER_MAX_S,
+            followers=_followers,
         )
 
-    def write(self, apply: Apply[T, R], item: T, *, patient: bool = True) -> R:
+    def write(self, apply: Apply[T, R], item: T, *, patient: bool = True, followers: int = 0) -> R:
         """Commit one item with the next batch and return its result (see `submit`)."""
-        return self.submit(apply, item, patient=patient).result()
+        return self.submit(apply, item, patient=patient, followers=followers).result()
 
-    def submit(self, apply: Apply[T, R], item: T, *, patient: bool = True) -> Pending[R]:
+    def submit(self, apply: Apply[T, R], item: T, *, patient: bool = True, followers: int = 0) -> Pending[R]:
         """Hand `item` to the writer, to be applied by `apply` with the other items of its kind
         in the next batch. Returns at once; the future is done when the write is committed (its
         callbacks then run on the writer thread), or has failed.
+
+        `followers`: how many writes the caller will hand in soon after this one is committed
+        (a worker thread, once its job's start is: the job's end and the next job's start). The
+        batch after this one waits for them, for `GATHER_MAX_S` at most.
         """
         future: Pending[R] = Pending()
-        self._thread.put(_Write(apply, item, patient, future))
+        self._thread.put(_Write(apply, item, patient, future, followers))
         return future
 
     def flush(self, timeout: Optional[float] = None) -> bool:
@@ -406,6 +432,10 @@ class _Writer:
         if broken:
             connection.invalidate()  # it must not go back to the pool
         connection.close()
+
+
+def _followers(write: _Write) -> int:
+    return write.followers
 
 
 def _nothing(connection: Connection, items: list[None]) -> list[None]:

@@ -158,3 +158,19 @@ def test_a_lone_item_waits_one_gap_and_a_stream_is_cut_at_the_longest_gathering(
 
     assert [n for _, batch in stream.batches for n in batch] == list(range(20))
     assert len(stream.batches) >= 2
+
+
+def test_the_batch_after_one_with_followers_waits_for_them():
+    handler = Batches()
+    # No gap: without followers, each item spaced out below would be a batch of its own.
+    thread = BatchThread(
+        "gather", lambda: handler, max_batch=100, gather_max_s=10, followers=lambda n: 2 if n == 0 else 0
+    )
+    thread.put(0)
+    assert handler.handled.wait(timeout=5)
+
+    put_spaced(thread, range(1, 3), 0.05)  # the two followers of 0
+    thread.put(3)  # comes alone: 1 and 2 have no followers
+    thread.close(timeout=5)
+
+    assert [batch for _, batch in handler.batches] == [[0], [1, 2], [3]]

@@ -51,6 +51,10 @@ _TRANSIENT_OPTIONS = frozenset({"eta", "retries", "traceback", "requeue_timestam
 #: How long a stopping worker waits for its last store writes while the database is down.
 SHUTDOWN_FLUSH_S = 10.0
 
+#: The writes a worker thread hands in soon after its job's start is committed, when the job
+#: is short: the job's end, and the start of the next (see `GroupCommit.submit`).
+FOLLOWERS_OF_A_START = 2
+
 #: Progress is written at most this often per job; the last value always lands at the end.
 PROGRESS_INTERVAL_S = float(os.getenv("ENGINE_PROGRESS_INTERVAL_S", "0.5"))
 
@@ -172,7 +176,7 @@ class Tracking(Middleware):
         request = StartRequest(
             message.message_id, self.host, os.getpid(), self.heartbeat.worker_id, self.dead_after_s, time.time()
         )
-        start = self.store.writer.write(self.store.record_attempts, request)
+        start = self.store.writer.write(self.store.record_attempts, request, followers=FOLLOWERS_OF_A_START)
         if start.undecided:  # not queued, or ended in the same batch: decided on its own
             start = self.store.writer.write(self.store.start_attempts, request)
         if start.running_elsewhere:
