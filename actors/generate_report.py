@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 
 import engine
 from engine import JobState, PermanentError
-from engine.schema import jobs
+from engine.store.schema import jobs
 from engine.settings import get_settings
 from engine.store import Store, ended_attempt_durations
 

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import update
 
 from engine.job import JobState, Outcome
-from engine.schema import workers
+from engine.store.schema import workers
 from engine.store import AttemptEnd, AttemptStart, StartRequest, Store
 
 DEAD_AFTER_S = 10

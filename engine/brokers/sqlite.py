@@ -2,7 +2,7 @@
 needs no RabbitMQ. Any process that opens the store can send; any number of worker processes
 consume from the same file.
 
-- A message is a row of `engine.schema.messages`: it survives restarts, and it is inserted in
+- A message is a row of `engine.store.schema.messages`: it survives restarts, and it is inserted in
   the same transaction as the job row that the Tracking middleware writes before it.
 - Its due time is the row's ``eta``: consumers claim only due rows, so there are no delay queues.
 - A claimed row is leased (``leased_until``, ``lease_owner``). The lease is renewed in the
@@ -34,7 +34,7 @@ from dramatiq.middleware import Middleware
 from sqlalchemy import Connection, Executable, Row, and_, case, delete, func, or_, select, update
 from sqlalchemy.exc import OperationalError
 
-from ..schema import messages
+from ..store.schema import messages
 from ..store import Store
 from ..writer import Apply
 from .hooks import HookDispatch

@@ -10,7 +10,7 @@ from sqlalchemy import func, select, update
 
 import engine
 from engine import JobState, Outcome
-from engine.schema import attempts, jobs
+from engine.store.schema import attempts, jobs
 
 DAY = 86_400
 

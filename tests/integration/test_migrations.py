@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from engine import migrations, schema
+from engine.store import migrations, schema
 from engine.errors import DuplicateJob
 from engine.job import JobState, Outcome
 from engine.store import AttemptEnd, AttemptRun, AttemptStart, Store

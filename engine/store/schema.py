@@ -10,7 +10,7 @@
 - workers: one row per worker process, with its heartbeat: how a job whose worker died is told
   from one whose worker is merely slow.
 - messages: the embedded broker's queue; unused when RabbitMQ is the broker.
-- schema_version: the migration level (see `engine.migrations`).
+- schema_version: the migration level (see `engine.store.migrations`).
 
 Timestamps are float seconds since the epoch: portable between SQLite and PostgreSQL, ordered,
 and cheap to compare in the queue's due-time scans.

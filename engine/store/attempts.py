@@ -21,10 +21,10 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.pool import NullPool
 
 from . import migrations
-from .errors import DuplicateJob, EngineError, InvalidJobState, JobNotFound
-from .job import FINISHED_STATES, REENQUEUE_TRANSITIONS, TRANSITIONS, Attempt, Job, JobState, Outcome
+from ..errors import DuplicateJob, EngineError, InvalidJobState, JobNotFound
+from ..job import FINISHED_STATES, REENQUEUE_TRANSITIONS, TRANSITIONS, Attempt, Job, JobState, Outcome
 from .schema import attempts, jobs, workers
-from .writer import GroupCommit
+from ..writer import GroupCommit
 
 
 def _create_engine(url: str) -> Engine:
