@@ -56,7 +56,7 @@ class SQLiteBroker(HookDispatch, Broker):
     Parameters:
       store(Store): the store whose SQLite file holds the messages.
       middleware(list[Middleware]): See :class:`Broker<dramatiq.Broker>`.
-      lease_seconds(float): how long a claimed message stays invisible to other consumers
+      lease_s(float): how long a claimed message stays invisible to other consumers
         without renewal. Leases are renewed every third of it, so the messages of a process
         that dies are redelivered at most this long after it died.
 
@@ -68,16 +68,16 @@ class SQLiteBroker(HookDispatch, Broker):
     settles_when_recorded = True
 
     def __init__(
-        self, store: Store, *, middleware: Optional[list[Middleware]] = None, lease_seconds: float = 15.0
+        self, store: Store, *, middleware: Optional[list[Middleware]] = None, lease_s: float = 15.0
     ) -> None:
         super().__init__(middleware=middleware)
-        database = store.engine.url.database
-        if store.engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        database = store.database_file
+        if not database:
             raise ValueError(f"the SQLite broker needs a SQLite database file, not {store.url!r}")
 
         self.logger = get_logger(__name__, type(self))
         self.store = store
-        self.lease_seconds = lease_seconds
+        self.lease_s = lease_s
         self.queues: set[str] = set()
         self.wake_dir = Path(os.path.abspath(database + ".wake"))
         self.leases = _Leases(self)
@@ -248,7 +248,7 @@ class _Leases:
             self.renewer.join()
 
     def _renew_until_closed(self) -> None:
-        while not self.closed.wait(self.broker.lease_seconds / 3):
+        while not self.closed.wait(self.broker.lease_s / 3):
             with self.lock:
                 held = list(self.held)
             if held:
@@ -259,7 +259,7 @@ class _Leases:
         renewal = (
             update(messages)
             .where(messages.c.id.in_(row_ids), messages.c.lease_owner == self.owner)
-            .values(leased_until=time.time() + self.broker.lease_seconds)
+            .values(leased_until=time.time() + self.broker.lease_s)
         )
         try:
             with self.broker.store.transaction() as connection:
@@ -379,7 +379,7 @@ class _SQLiteConsumer(Consumer):
                 connection.execute(
                     update(messages)
                     .where(messages.c.id.in_([row.id for row in rows]))
-                    .values(leased_until=now + self.broker.lease_seconds, lease_owner=leases.owner)
+                    .values(leased_until=now + self.broker.lease_s, lease_owner=leases.owner)
                 )
         with self.settled:
             self.held.update(row.id for row in rows)

@@ -12,7 +12,7 @@ process killed in between (SIGKILL, the OOM killer, a crash) leaves its job `que
   falls due.
 
 `older_than_s` is well past the time a live sender keeps trying (``ENGINE_SEND_BEHIND_TIMEOUT_S``,
-after which it fails the job itself). One of them looks at a time (`Store.lead`: a look may read
+after which it fails the job itself). One of them looks at a time (`Store.hold_lock`: a look may read
 every queued job, which N processes need not each do), and a job found is claimed in the store.
 Should its message exist after all (delivered to a worker that has not started it yet), the job
 still runs once: Tracking skips the second delivery.
@@ -32,7 +32,7 @@ from ..errors import EngineError
 from ..store import Store
 
 
-#: The name of the lock the worker process that looks holds (see `Store.lead`).
+#: The name of the lock the worker process that looks holds (see `Store.hold_lock`).
 LEAD = "engine.resend"
 
 
@@ -66,7 +66,7 @@ class Resend(Middleware):
     def resend(self, broker: RabbitmqBroker) -> int:
         """Look once; returns how many jobs were sent again."""
         try:
-            if not self.store.lead(LEAD):
+            if not self.store.hold_lock(LEAD):
                 return 0
             drained = [queue for queue, depth in broker.queue_depths().items() if depth["ready"] == 0]
             claimed = self.store.claim_unsent(drained, older_than_s=self.older_than_s)

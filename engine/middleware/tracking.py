@@ -38,7 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import ArgumentsNotSerializable, JobCanceled, ResultNotSerializable, ResultTooLarge, TrackingError
 from ..job import JobState, Outcome
-from ..store import AttemptEnd, AttemptRun, EnqueueRecord, StartRequest, Store
+from ..store import AttemptEnd, AttemptRun, StartRequest, Store
 from ..writer import Pending
 from .heartbeat import Heartbeat
 
@@ -157,9 +157,7 @@ class Tracking(Middleware):
         in_flight = rows_in_flight.get()
         # Committed with the rows of the process's other sends; a row its sender does not wait
         # for waits out a database outage instead of failing.
-        recorded = self.store.writer.submit(
-            self.store.record_enqueues, EnqueueRecord(row, bool(delay)), patient=in_flight is not None
-        )
+        recorded = self.store.enqueue_later(row, delayed=bool(delay), wait_out_outage=in_flight is not None)
         if in_flight is not None:
             in_flight.append(recorded)  # the broker sends the message once its row is committed
         else:
@@ -176,9 +174,7 @@ class Tracking(Middleware):
         request = StartRequest(
             message.message_id, self.host, os.getpid(), self.heartbeat.worker_id, self.dead_after_s, time.time()
         )
-        start = self.store.writer.write(self.store.record_attempts, request, followers=FOLLOWERS_OF_A_START)
-        if start.undecided:  # not queued, or ended in the same batch: decided on its own
-            start = self.store.writer.write(self.store.start_attempts, request)
+        start = self.store.start(request, next_writes=FOLLOWERS_OF_A_START)
         if start.running_elsewhere:
             logger.info("Job {} runs under a live worker; looking again in {} s.", message.message_id, self.dead_after_s)
             recheck = message.copy(options={**message.options, RECHECK_OPTION: True})
@@ -247,7 +243,7 @@ class Tracking(Middleware):
         end = AttemptEnd.of(
             attempt.job_id, attempt.number, outcome, run=attempt.run, progress=attempt.pending_progress, **fields
         )
-        recorded = self.store.writer.submit(self.store.record_attempts, end)
+        recorded = self.store.end(end)
         if getattr(broker, "settles_when_recorded", False):
             # The thread goes on to its next job; the broker acks this one once it is recorded,
             # so that its end and the next job's start are committed together.
@@ -256,7 +252,7 @@ class Tracking(Middleware):
             recorded.result()
 
     def after_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
-        self.store.writer.close(timeout=SHUTDOWN_FLUSH_S)
+        self.store.writer.close(timeout_s=SHUTDOWN_FLUSH_S)
 
     def _encode_result(self, result: Any) -> Optional[str]:
         if result is None:

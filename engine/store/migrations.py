@@ -5,8 +5,8 @@ one is brought up to date by running, in order, each migration numbered above it
 change the schema: edit `engine.store.schema`, then append a migration that makes the same change to
 an existing database, and bump nothing else: `LATEST` follows the list.
 
-Concurrent starts (several workers booting at once) are serialised by a lock: an advisory lock
-on PostgreSQL, the write lock of ``BEGIN IMMEDIATE`` on SQLite.
+Concurrent starts (several workers booting at once) are serialised by the lock the store's
+dialect takes first (`engine.store.dialect.Dialect.lock_schema`).
 """
 
 from __future__ import annotations
@@ -78,17 +78,13 @@ MIGRATIONS: list[Migration] = [
 
 LATEST = MIGRATIONS[-1].version if MIGRATIONS else 1
 
-_ADVISORY_LOCK_KEY = 0x656E67696E65  # "engine"
-
 
 def upgrade(connection: Connection) -> int:
-    """Bring the schema to `LATEST` inside the caller's transaction.
+    """Bring the schema to `LATEST` inside the caller's transaction, which holds the schema lock.
 
     Returns:
       int: the version the database had before (0 for a new database).
     """
-    if connection.dialect.name == "postgresql":
-        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK_KEY})
     if not inspect(connection).has_table(schema_version.name):
         metadata.create_all(connection)
         connection.execute(schema_version.insert().values(version=LATEST))
