@@ -139,4 +139,5 @@ class Store(Commands):
             found = latest_attempt(connection, job_id)
             if found is None:
                 raise JobNotFound(job_id)
-            self.dialect.finish_attempts(connection, [AttemptEnd.of(job_id, number, outcome, run=run_of(found), **fields)])
+            end = AttemptEnd.of(job_id, number, outcome, run=run_of(found), **fields)
+            self.dialect.finish_attempts(connection, [end])
