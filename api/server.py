@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 import uuid
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 from urllib.parse import parse_qsl, urlsplit
@@ -264,10 +265,11 @@ class _Handler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
         """The standard library's own errors (a malformed request line, headers too long), as JSON."""
         self.close_connection = True
-        if not hasattr(self, "request_id"):
+        self.request_version = "HTTP/1.1"  # unread (or unreadable): answer with a status line all the same
+        if self.request_id == "-":
             self.request_id = uuid.uuid4().hex
-        name = (message or "bad request").lower().replace(" ", "_")
-        reply = self._failure(ApiError(code, name, explain or message or "the request could not be read"))
+        name = HTTPStatus(code).phrase.lower().replace(" ", "_").replace("-", "_")
+        reply = self._failure(ApiError(code, name, message or explain or "the request could not be read"))
         try:
             self._send(reply.status, reply.model, reply.headers)
         except OSError:
@@ -277,7 +279,7 @@ class _Handler(BaseHTTPRequestHandler):
         logger.debug("API {}: " + format.replace("%s", "{}").replace("%r", "{!r}").replace("%d", "{}"), self.address_string(), *args)
 
     def log_request(self, code: Any = "-", size: Any = "-") -> None:
-        logger.debug("API {} {} -> {} (request {})", self.command, self.path, code, self.request_id)
+        logger.debug("API {} {} -> {} (request {})", self.command, getattr(self, "path", ""), code, self.request_id)
 
 
 def _validate(model: type[BaseModel], data: Any, where: str) -> BaseModel:

@@ -71,7 +71,7 @@ def serve(engine_env) -> Iterator[Callable[..., Client]]:
 
     def serve(**changes: Any) -> Client:
         engine.get_broker()  # the test actors, declared on the test's broker
-        settings: Settings = get_settings().model_copy(update={"api_port": 0, **changes})
+        settings = Settings(**{**get_settings().model_dump(), "api_port": 0, **changes})
         server = api.start(settings)
         servers.append(server)
         host, port = server.server_address[:2]
