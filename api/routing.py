@@ -19,6 +19,7 @@ ERROR_REASONS = {
     401: "a missing or wrong bearer token (when ENGINE_API_TOKEN is set)",
     404: "no such job, schedule or route",
     405: "the path does not take this method (see `Allow`)",
+    408: "the body did not arrive within ENGINE_API_READ_TIMEOUT_S",
     409: "the job's state does not allow it",
     411: "a body sent without Content-Length",
     413: "the body is larger than ENGINE_API_MAX_BODY_BYTES",
@@ -126,7 +127,7 @@ class Route:
         if self.query is not None or self.parameters:
             found.add(422)
         if self.body is not None:
-            found |= {400, 411, 413, 415, 422}
+            found |= {400, 408, 411, 413, 415, 422}
         return sorted(found)
 
 

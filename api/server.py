@@ -216,7 +216,11 @@ class _Handler(BaseHTTPRequestHandler):
         if length > limit:
             self.close_connection = True  # the body is never read: the connection cannot be reused
             raise ApiError(413, "body_too_large", f"the body has {length} bytes; at most {limit} are taken")
-        raw = self.rfile.read(length) if length else b""
+        try:
+            raw = self.rfile.read(length) if length else b""
+        except TimeoutError:
+            self.close_connection = True
+            raise ApiError(408, "request_timeout", f"the body did not arrive within {self.server.settings.api_read_timeout_s} s") from None
         if len(raw) < length:
             self.close_connection = True
             raise ApiError(400, "bad_request", "the body ended before Content-Length bytes")
