@@ -106,6 +106,14 @@ class _CreationFilter(_Request):
     created_after: Optional[datetime] = Field(default=None, description="ISO 8601; without a zone, UTC")
     created_before: Optional[datetime] = Field(default=None, description="ISO 8601; without a zone, UTC")
 
+    @field_validator("created_after", "created_before", mode="before")
+    @classmethod
+    def _iso_8601(cls, value: Any) -> Any:
+        # pydantic would also take a number, as seconds since the epoch: the description says ISO 8601.
+        if isinstance(value, (int, float)) or (isinstance(value, str) and value.strip().lstrip("+-").replace(".", "").isdigit()):
+            raise ValueError("expected a date and time in ISO 8601, e.g. 2026-01-31T12:00:00Z")
+        return value
+
     @field_validator("created_after", "created_before")
     @classmethod
     def _aware(cls, value: Optional[datetime]) -> Optional[datetime]:
@@ -117,7 +125,9 @@ class JobQuery(_CreationFilter):
 
     status: Optional[JobState] = None
     limit: int = Field(default=50, ge=1, le=1000)
-    cursor: Optional[str] = Field(default=None, max_length=500, description="`next_cursor` of the previous page")
+    cursor: Optional[str] = Field(
+        default=None, max_length=500, pattern=r"^[A-Za-z0-9_=-]+$", description="`next_cursor` of the previous page"
+    )
 
 
 class JobPage(_Response):
