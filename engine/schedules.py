@@ -15,7 +15,6 @@ from dramatiq.errors import ActorNotFound
 
 from scheduler.definition import InvalidSchedule, Misfire, Origin, Schedule, ScheduleNotFound
 from scheduler.ledger import Fire, FireOutcome, Ledger, StoredSchedule
-from scheduler.service import record_job, schedule_message, send_recorded
 
 from .broker import get_broker, get_store
 from .client import _read_own_sends
@@ -135,6 +134,8 @@ def run_schedule(name: str) -> Job:
     Raises:
       ScheduleNotFound; UnknownActor if this process does not know the schedule's actor.
     """
+    from scheduler.service import record_job, schedule_message, send_recorded  # it imports the engine
+
     schedule = _ledger().get(name).schedule
     broker, store = get_broker(), get_store()
     try:
