@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -52,11 +52,13 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The engine on one machine: supervised workers on the settings' store and broker."""
-    return worker(args)
+    """The engine on one machine: a scheduler and supervised workers on the settings' store and broker."""
+    from .supervisor import SCHEDULER
+
+    return worker(args, others=[SCHEDULER])
 
 
-def worker(args: argparse.Namespace) -> int:
+def worker(args: argparse.Namespace, others: Sequence[tuple[str, list[str]]] = ()) -> int:
     """Supervised worker processes; a dead one is restarted while the others keep working."""
     from .logging import setup_logging
     from .supervisor import run_workers
@@ -68,6 +70,7 @@ def worker(args: argparse.Namespace) -> int:
         processes=args.processes or settings.worker_processes,
         threads=args.threads or settings.worker_threads,
         queues=args.queues,
+        others=others,
     )
 
 

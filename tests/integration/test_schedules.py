@@ -103,3 +103,14 @@ def test_a_scheduler_killed_between_claim_and_publish_still_runs_the_job_once(en
     time.sleep(3)  # another resend round: it must not run the job again
     assert completions(engine_env, job.id) == 1
     assert [(fire.outcome, fire.job_id) for fire in engine.schedule_fires("fragile")] == [(FireOutcome.ENQUEUED, job.id)]
+
+
+@pytest.mark.parametrize("mode", ["embedded"], indirect=True)
+def test_engine_run_supervises_a_scheduler_beside_the_workers(start_engine):
+    # Given the whole engine on one machine
+    whole = start_engine("run", "--processes", "1")
+    engine.set_schedule("heartbeat", "echo", EVERY_SECOND, args=["beat"])
+    # Then its scheduler fires the schedule and its workers run the jobs
+    wait_for(lambda: any(job.state == "succeeded" for job in engine.jobs(schedule="heartbeat").jobs), 30, "a job run")
+    # and one SIGTERM stops them all
+    assert whole.stop() == 0
