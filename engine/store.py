@@ -931,6 +931,7 @@ class Store:
         state: Optional[JobState] = None,
         actor: Optional[str] = None,
         queue: Optional[str] = None,
+        schedule: Optional[str] = None,
         limit: int = 50,
         cursor: Optional[str] = None,
         created_since: Optional[float] = None,
@@ -945,6 +946,8 @@ class Store:
             query = query.where(jobs.c.actor == actor)
         if queue is not None:
             query = query.where(jobs.c.queue == queue)
+        if schedule is not None:
+            query = query.where(jobs.c.schedule == schedule)
         if created_since is not None:
             query = query.where(jobs.c.created_at >= created_since)
         if created_before is not None:
@@ -1185,6 +1188,8 @@ def _job(row: Any) -> Job:
         scheduled_for=row.scheduled_for,
         started_at=row.started_at,
         finished_at=row.finished_at,
+        schedule=row.schedule,
+        fire_time=row.fire_time,
     )
 
 
