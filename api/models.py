@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.client import CancelOutcome
 from engine.job import Attempt, Job, JobState, Outcome, Worker
+from scheduler.definition import Misfire, Origin
+from scheduler.ledger import Fire, FireOutcome
 
 def _utc(epoch: Optional[float]) -> Optional[datetime]:
     return None if epoch is None else datetime.fromtimestamp(epoch, tz=timezone.utc)
@@ -88,6 +90,8 @@ class JobOut(_Response):
     scheduled_for: Optional[datetime] = Field(description="when a delayed job or a retry is due")
     started_at: Optional[datetime] = Field(description="the latest attempt's start")
     finished_at: Optional[datetime]
+    schedule: Optional[str] = Field(description="the cron schedule that created it")
+    fire_time: Optional[datetime] = Field(description="the schedule's fire time it is for (not when it was sent)")
 
     @classmethod
     def of(cls, job: Job) -> "JobOut":
@@ -96,12 +100,13 @@ class JobOut(_Response):
             priority=job.priority, idempotency_key=job.idempotency_key, attempts=job.attempts,
             progress=Progress(percent=job.progress_percent, message=job.progress_message), last_error=job.last_error,
             created_at=_utc(job.created_at), scheduled_for=_utc(job.scheduled_for), started_at=_utc(job.started_at),
-            finished_at=_utc(job.finished_at),
+            finished_at=_utc(job.finished_at), schedule=job.schedule, fire_time=_utc(job.fire_time),
         )  # fmt: skip
 
 
 class _CreationFilter(_Request):
     actor: Optional[str] = Field(default=None, min_length=1, max_length=200)
+    schedule: Optional[str] = Field(default=None, min_length=1, max_length=100, description="jobs this schedule created")
     queue: Optional[str] = Field(default=None, min_length=1, max_length=200)
     created_after: Optional[datetime] = Field(default=None, description="ISO 8601; without a zone, UTC")
     created_before: Optional[datetime] = Field(default=None, description="ISO 8601; without a zone, UTC")
@@ -268,6 +273,108 @@ class Overview(_Response):
     last_hour: StateCounts = Field(description="the jobs created in the last hour, by the state they are in now")
     queues: Optional[list[QueueOut]] = Field(description="null when the broker cannot be reached")
     workers_alive: int
+
+
+# -- schedules ----------------------------------------------------------------------------------
+
+
+class _ScheduleFields(_Request):
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    timezone: str = Field(default="UTC", description="IANA zone in which the cron fields are read")
+    enabled: bool = True
+    misfire: Misfire = Field(default=Misfire.ONCE, description="a fire later than misfire_grace_s: one catch-up job, or none")
+    misfire_grace_s: float = Field(default=300.0, ge=0)
+    overlap: bool = Field(default=True, description="false: a fire while the previous fire's job runs is skipped")
+    queue: Optional[str] = Field(default=None, min_length=1, max_length=200)
+    priority: Optional[int] = Field(default=None, ge=0, le=10)
+
+
+class ScheduleIn(_ScheduleFields):
+    """A new cron schedule."""
+
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[a-z0-9_.-]+$", description="its id")
+    actor: str = Field(min_length=1, max_length=200)
+    cron: str = Field(min_length=1, max_length=200, description="5 fields, or 6 with seconds first")
+
+
+class ScheduleChange(_Request):
+    """The fields to change; `enabled` alone pauses or resumes it."""
+
+    actor: Optional[str] = Field(default=None, min_length=1, max_length=200)
+    cron: Optional[str] = Field(default=None, min_length=1, max_length=200)
+    args: Optional[list[Any]] = None
+    kwargs: Optional[dict[str, Any]] = None
+    timezone: Optional[str] = None
+    enabled: Optional[bool] = None
+    misfire: Optional[Misfire] = None
+    misfire_grace_s: Optional[float] = Field(default=None, ge=0)
+    overlap: Optional[bool] = None
+    queue: Optional[str] = Field(default=None, min_length=1, max_length=200)
+    priority: Optional[int] = Field(default=None, ge=0, le=10)
+
+
+class FireOut(_Response):
+    """One row of a schedule's fire ledger."""
+
+    fire_time: datetime
+    outcome: FireOutcome
+    job_id: Optional[str]
+    recorded_at: datetime
+    scheduler: str
+
+    @classmethod
+    def of(cls, fire: Fire) -> "FireOut":
+        return cls(fire_time=_utc(fire.fire_time), outcome=fire.outcome, job_id=fire.job_id,
+                   recorded_at=_utc(fire.recorded_at), scheduler=fire.scheduler)  # fmt: skip
+
+
+class ScheduleOut(_ScheduleFields):
+    """A schedule, who owns it, its latest fire and its next."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    actor: str
+    cron: str
+    origin: Origin
+    created_at: datetime
+    updated_at: datetime
+    last_fire: Optional[FireOut]
+    next_fire_time: Optional[datetime] = Field(description="in its zone; null while paused")
+
+    @classmethod
+    def of(cls, info: Any) -> "ScheduleOut":
+        return cls(
+            **info.schedule.model_dump(), origin=info.origin, created_at=_utc(info.created_at),
+            updated_at=_utc(info.updated_at), last_fire=FireOut.of(info.last_fire) if info.last_fire else None,
+            next_fire_time=info.next_fire_time,
+        )  # fmt: skip
+
+
+class ScheduleList(_Response):
+    schedules: list[ScheduleOut]
+
+
+class FireQuery(_Request):
+    limit: int = Field(default=20, ge=1, le=1000)
+
+
+class FireList(_Response):
+    """The fire ledger, newest first: enqueued (with the job's id), missed and skipped fire times."""
+
+    schedule: str
+    fires: list[FireOut]
+
+
+class PreviewQuery(_Request):
+    count: int = Field(default=5, ge=1, le=100)
+
+
+class Preview(_Response):
+    """The next fire times, in the schedule's zone."""
+
+    schedule: str
+    fire_times: list[datetime]
 
 
 # -- health and the description ------------------------------------------------------------------

@@ -92,10 +92,12 @@ def _operation(route: Route, refs: dict[Any, Any], schemas: dict[str, Any]) -> d
 
 
 def _answer(description: str, model: Optional[type[BaseModel]], media_type: str, refs: dict[Any, Any], route: Route) -> dict[str, Any]:
+    if not media_type:
+        return {"description": description}
     schema = refs[(model, "serialization")] if model is not None else {"type": "string"}
     answer: dict[str, Any] = {"description": description, "content": {media_type: {"schema": schema}}}
-    if route.method == "POST" and route.status == 202:
-        answer["headers"] = _headers({"Location": "the job's URL"})
+    if route.method == "POST" and route.status in (201, 202):
+        answer["headers"] = _headers({"Location": "the URL of what was created"})
     return answer
 
 

@@ -11,12 +11,14 @@ from typing import Any, Callable, Optional
 
 from sqlalchemy.exc import DBAPIError
 
+import engine
 from engine import client
 from engine.broker import get_broker, get_store
 from engine.errors import EngineError
 from engine.job import JobState
 from engine.settings import Settings
 from engine.store import decode_cursor
+from scheduler.definition import ScheduleNotFound
 
 from . import models as m
 from .routing import ApiError, Reply, Request, Route
@@ -60,6 +62,20 @@ class Endpoints:
                   tag="engine"),
             Route("GET", "/api/overview", self.overview, "Counts by state, queues and workers at a glance",
                   m.Overview, tag="engine"),
+            Route("GET", "/api/schedules", self.list_schedules, "Cron schedules", m.ScheduleList, tag="schedules"),
+            Route("POST", "/api/schedules", self.create_schedule, "Create a cron schedule", m.ScheduleOut, status=201,
+                  body=m.ScheduleIn, errors=(409,), tag="schedules"),
+            Route("GET", "/api/schedules/{name}", self.get_schedule, "A schedule", m.ScheduleOut, tag="schedules"),
+            Route("PATCH", "/api/schedules/{name}", self.change_schedule, "Change, pause or resume a schedule",
+                  m.ScheduleOut, body=m.ScheduleChange, tag="schedules"),
+            Route("DELETE", "/api/schedules/{name}", self.delete_schedule, "Delete a schedule (its jobs stay)", None,
+                  status=204, media_type="", tag="schedules"),
+            Route("POST", "/api/schedules/{name}/run", self.run_schedule, "Create the schedule's job now", m.JobOut,
+                  status=202, tag="schedules"),
+            Route("GET", "/api/schedules/{name}/fires", self.schedule_fires, "A schedule's fire ledger", m.FireList,
+                  query=m.FireQuery, tag="schedules"),
+            Route("GET", "/api/schedules/{name}/preview", self.preview_schedule, "A schedule's next fire times",
+                  m.Preview, query=m.PreviewQuery, tag="schedules"),
             Route("GET", "/healthz", self.health, "Liveness", m.Health, tag="health"),
             Route("GET", "/readyz", self.ready, "Readiness: the store and the broker answer", m.Readiness, tag="health"),
             Route("GET", "/openapi.json", self.openapi, "This description", m.OpenApiDocument, tag="health"),
@@ -82,7 +98,8 @@ class Endpoints:
         query: m.JobQuery = request.query
         _check_cursor(query.cursor)
         page, next_cursor = get_store().list_jobs(
-            state=query.status, actor=query.actor, queue=query.queue, limit=query.limit, cursor=query.cursor,
+            state=query.status, actor=query.actor, queue=query.queue, schedule=query.schedule, limit=query.limit,
+            cursor=query.cursor,
             created_since=_epoch(query.created_after), created_before=_epoch(query.created_before),
         )  # fmt: skip
         return m.JobPage(jobs=[m.JobOut.of(job) for job in page], next_cursor=next_cursor)
@@ -109,7 +126,7 @@ class Endpoints:
     def bulk_retry(self, request: Request) -> m.BulkRetryOut:
         body: m.BulkRetry = request.body
         page, more = get_store().list_jobs(
-            state=JobState(body.status), actor=body.actor, queue=body.queue, limit=body.limit,
+            state=JobState(body.status), actor=body.actor, queue=body.queue, schedule=body.schedule, limit=body.limit,
             created_since=_epoch(body.created_after), created_before=_epoch(body.created_before),
         )  # fmt: skip
         retried, failures = [], []
@@ -162,6 +179,50 @@ class Endpoints:
             queues=queues,
             workers_alive=sum(worker.alive(now=now, dead_after_s=dead_after_s) for worker in workers),
         )
+
+    # -- schedules -------------------------------------------------------------------------------
+
+    def list_schedules(self, request: Request) -> m.ScheduleList:
+        return m.ScheduleList(schedules=[m.ScheduleOut.of(info) for info in engine.list_schedules()])
+
+    def create_schedule(self, request: Request) -> Reply:
+        body: m.ScheduleIn = request.body
+        try:
+            engine.get_schedule(body.name)
+        except ScheduleNotFound:
+            pass
+        else:
+            raise ApiError(409, "schedule_exists", f"a schedule named {body.name!r} exists; PATCH it to change it")
+        info = engine.set_schedule(**body.model_dump())
+        return Reply(m.ScheduleOut.of(info), 201, {"Location": f"/api/schedules/{body.name}"})
+
+    def get_schedule(self, request: Request) -> m.ScheduleOut:
+        return m.ScheduleOut.of(engine.get_schedule(request.params["name"]))
+
+    def change_schedule(self, request: Request) -> m.ScheduleOut:
+        name, change = request.params["name"], request.body.model_dump(exclude_unset=True)
+        if set(change) == {"enabled"}:  # pause or resume: the schedule keeps its owner
+            done = engine.resume_schedule(name) if change["enabled"] else engine.pause_schedule(name)
+            return m.ScheduleOut.of(done)
+        current = engine.get_schedule(name).schedule.model_dump()
+        return m.ScheduleOut.of(engine.set_schedule(**{**current, **change}))
+
+    def delete_schedule(self, request: Request) -> Reply:
+        engine.delete_schedule(request.params["name"])
+        return Reply(b"", 204)
+
+    def run_schedule(self, request: Request) -> Reply:
+        job = engine.run_schedule(request.params["name"])
+        return Reply(m.JobOut.of(job), 202, {"Location": f"/api/jobs/{job.id}"})
+
+    def schedule_fires(self, request: Request) -> m.FireList:
+        name = request.params["name"]
+        fires = engine.schedule_fires(name, limit=request.query.limit)
+        return m.FireList(schedule=name, fires=[m.FireOut.of(fire) for fire in fires])
+
+    def preview_schedule(self, request: Request) -> m.Preview:
+        name = request.params["name"]
+        return m.Preview(schedule=name, fire_times=engine.preview_schedule(name, request.query.count))
 
     # -- health, the description, the page -------------------------------------------------------
 

@@ -20,7 +20,7 @@ ERROR_REASONS = {
     404: "no such job, schedule or route",
     405: "the path does not take this method (see `Allow`)",
     408: "the body did not arrive within ENGINE_API_READ_TIMEOUT_S",
-    409: "the job's state does not allow it",
+    409: "a conflict: the job's state does not allow it, or a schedule of that name exists",
     411: "a body sent without Content-Length",
     413: "the body is larger than ENGINE_API_MAX_BODY_BYTES",
     415: "the body is not application/json",

@@ -42,6 +42,7 @@ from engine.errors import (
     UnknownActor,
 )
 from engine.settings import Settings
+from scheduler.definition import InvalidSchedule, ScheduleNotFound
 
 from .models import ErrorDetail, ErrorResponse, FieldError
 from .routing import ApiError, Reply, Request, Route, Router
@@ -246,7 +247,8 @@ class _Handler(BaseHTTPRequestHandler):
             payload = model
         self.connection.settimeout(self.server.settings.api_read_timeout_s)  # a client that does not read
         self.send_response(status)
-        self.send_header("Content-Type", f"{media_type}; charset=utf-8" if media_type.startswith(("text/", "application/json")) else media_type)
+        if payload:
+            self.send_header("Content-Type", f"{media_type}; charset=utf-8")
         self.send_header("Content-Length", str(len(payload)))
         self.send_header("X-Request-Id", self.request_id)
         policy = self.server.page_policy if media_type == "text/html" else _JSON_POLICY
@@ -304,6 +306,10 @@ def _api_error(error: Exception, method: str, path: str, request_id: str) -> Api
     unavailable = {"Retry-After": str(RETRY_AFTER_S)}
     if isinstance(error, JobNotFound):
         return ApiError(404, "job_not_found", str(error))
+    if isinstance(error, ScheduleNotFound):
+        return ApiError(404, "schedule_not_found", str(error))
+    if isinstance(error, InvalidSchedule):
+        return ApiError(422, "invalid_schedule", str(error), fields=[(error.field, error.reason)])
     if isinstance(error, ResultNotReady):
         return ApiError(409, "result_not_ready", str(error))
     if isinstance(error, InvalidJobState):

@@ -121,3 +121,21 @@ def test_the_page_fits_a_phone_and_lists_jobs_and_workers(running_engine, browse
     )
     assert unlabeled == []
     browser.save_screenshot(str(tmp_path / "phone.png"))
+
+
+def test_a_schedules_run_now_creates_a_job(running_engine, browser, tmp_path):
+    client = running_engine
+    client.token = "page-token"
+    client.post("/api/schedules", {"name": "hourly-echo", "actor": "echo", "cron": "0 * * * *", "args": ["tick"]})
+    _open(browser, f"{client.url}/#schedule=hourly-echo")
+    wait = WebDriverWait(browser, 30, poll_frequency=0.2)
+    wait.until(lambda driver: "hourly-echo" in _text(driver, "schedule-list") and _text(driver, "schedule-preview"))
+    browser.execute_script("document.querySelector('[aria-label=\"Run now hourly-echo\"]').click()")
+    job_id = wait.until(lambda driver: (client.get("/api/jobs?schedule=hourly-echo").json["jobs"] or [None])[0])["id"]
+    wait.until(lambda driver: job_id in _text(driver, "notice"))
+    wait_for_state(job_id, {JobState.SUCCEEDED})
+    browser.execute_script("document.querySelector('[aria-label=\"Pause hourly-echo\"]').click()")
+    wait.until(lambda driver: "paused" in _text(driver, "schedule-list"))
+    assert client.get("/api/schedules/hourly-echo").json["enabled"] is False
+    browser.execute_script("document.getElementById('schedules').scrollIntoView()")
+    browser.save_screenshot(str(tmp_path / "schedules.png"))
