@@ -20,8 +20,9 @@ EXAMPLES = 25
 
 #: Operations whose requests can match the description and still be refused (422), rightly: a
 #: submission naming an actor that is not registered, or arguments that do not fit its signature;
-#: a cursor of the right alphabet that no page gave. Every other check runs on them.
-BEYOND_THE_DESCRIPTION = {"POST /api/jobs", "GET /api/jobs"}
+#: a cursor of the right alphabet that no page gave; a cron expression or time zone that is a
+#: string but not a valid one. Every other check runs on them.
+BEYOND_THE_DESCRIPTION = {"POST /api/jobs", "GET /api/jobs", "POST /api/schedules", "PATCH /api/schedules/{name}"}
 
 
 @pytest.fixture
