@@ -30,7 +30,7 @@ PLUGIN_DIR = Path(__file__).parent / "plugin"
 CACHE_DIR = Path(os.environ.get("ENGINE_CONFORMANCE_CACHE", Path.home() / ".cache" / "engine-conformance"))
 
 #: The longest one test (setup and teardown included) may take before it is failed.
-TEST_TIMEOUT_S = 60
+TEST_TIMEOUT_S = 30
 
 #: pip's own retries and timeouts bound the download; this bounds pip.
 DOWNLOAD_TIMEOUT_S = 300
@@ -108,7 +108,7 @@ def start(combination: str, root: Path, report: Path, environment: dict[str, str
         sys.executable, "-m", "pytest", "tests",
         "-p", "engine_conformance", "-p", "no:cacheprovider", "-p", "timeout",
         f"--timeout={TEST_TIMEOUT_S}", f"--junitxml={report}", "-o", "junit_family=xunit2",
-        "-q", "-rfE", "--no-header", "-W", "ignore::DeprecationWarning",
+        "-q", "-rfE", "--no-header", "--durations=15", "-W", "ignore::DeprecationWarning",
     ]  # fmt: skip
     log = open(report.with_suffix(".log"), "wb")
     with log:
@@ -171,7 +171,7 @@ def read_report(combination: str, report: Path, deselected: int) -> Outcome:
             else:
                 outcome.passed_unexpectedly.append(test)
             continue
-        outcome.messages[test] = f"{problem.tag}: {problem.get('message', '')}"[:400]
+        outcome.messages[test] = " ".join(f"{problem.tag}: {problem.get('message', '')}".split())[:300]
         (outcome.failed_expected if listed is not None else outcome.failed_unexpected).append(test)
     return outcome
 

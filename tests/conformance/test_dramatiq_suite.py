@@ -9,6 +9,7 @@ is not listed in `expectations.EXPECTED_FAILURES`, and when a listed one passes.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import uuid
 from pathlib import Path
@@ -22,6 +23,8 @@ from tests.integration.conftest import AMQP_HOST, PG_ADMIN_URL, REQUIRE_SERVICES
 
 from . import suite
 from .plugin import expectations
+
+#: ENGINE_CONFORMANCE_REPORTS=DIR keeps each run's JUnit XML report and output in DIR.
 
 #: How long one run may take, at most (its tests are bounded one by one as well).
 RUN_TIMEOUT_S = 600
@@ -110,7 +113,10 @@ def runs(tmp_path_factory) -> Iterator[_Runs]:
         root = suite.dramatiq_tests()
     except suite.SuiteUnavailable as error:
         _unavailable(str(error))
-    started = _Runs(root, tmp_path_factory.mktemp("dramatiq-conformance"))
+    kept = os.environ.get("ENGINE_CONFORMANCE_REPORTS")
+    reports = Path(kept) if kept else tmp_path_factory.mktemp("dramatiq-conformance")
+    reports.mkdir(parents=True, exist_ok=True)
+    started = _Runs(root, reports)
     try:
         started.start_all()
         yield started

@@ -24,11 +24,12 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import dramatiq
 import pytest
 from dramatiq import Broker, Worker
+from dramatiq.rate_limits import backends as rate_limit_backends
 from dramatiq.results import backends as result_backends
 
 import engine.broker
@@ -117,10 +118,14 @@ def engine_broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
     """The broker under test, made the engine's and Dramatiq's global broker, as Dramatiq's
     fixtures make theirs."""
     broker, stores = _new_broker(request)
+    broker.join = _join_without_fail_fast(broker.join)
     broker.emit_after("process_boot")
     engine.broker.use(broker)
     yield broker
     try:
+        if isinstance(broker, RabbitmqBroker):
+            # So that no send of this test lands in the next one's queues after the flush.
+            broker.settle_sends()
         broker.flush_all()
     finally:
         broker.close()
@@ -128,6 +133,19 @@ def engine_broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
             store.close()
         engine.broker._broker = None
         dramatiq.set_broker(None)
+
+
+def _join_without_fail_fast(join: Callable[..., None]) -> Callable[..., None]:
+    """`join`, also taking StubBroker's ``fail_fast=False``: what every other broker's join does
+    (wait, and raise nothing about the messages). ``fail_fast=True`` stays a TypeError."""
+
+    @functools.wraps(join)
+    def joining(*args: Any, fail_fast: Optional[bool] = None, **kwargs: Any) -> None:
+        if fail_fast:
+            raise TypeError("fail_fast=True is StubBroker's alone: no other broker's join raises an actor's exception")
+        return join(*args, **kwargs)
+
+    return joining
 
 
 @pytest.fixture
@@ -181,6 +199,12 @@ def result_backend(request: pytest.FixtureRequest) -> result_backends.StubBacken
     """Results in Dramatiq's stub backend: the backend is not what is under test here (Redis and
     memcached are not part of the engine)."""
     return result_backends.StubBackend()
+
+
+@pytest.fixture(params=["stub"])
+def rate_limiter_backend(request: pytest.FixtureRequest) -> rate_limit_backends.StubBackend:
+    """Rate limits in Dramatiq's stub backend, for the same reason."""
+    return rate_limit_backends.StubBackend()
 
 
 @pytest.fixture
