@@ -36,6 +36,14 @@ TEST_TIMEOUT_S = 30
 DOWNLOAD_TIMEOUT_S = 300
 
 
+#: Each combination runs as these parts, in parallel: Dramatiq's modules in two groups that take
+#: about as long (most of the time goes to waits in joins, not to CPU).
+PARTS = {
+    "actors": ["tests/test_actors.py", "tests/test_rabbitmq.py"],
+    "others": ["tests", "--ignore=tests/test_actors.py", "--ignore=tests/test_rabbitmq.py"],
+}
+
+
 class SuiteUnavailable(Exception):
     """Dramatiq's source distribution could not be downloaded or unpacked."""
 
@@ -90,10 +98,10 @@ def _unpack(archive: Path, root: Path) -> None:
     partial.rename(root)
 
 
-def start(combination: str, root: Path, report: Path, environment: dict[str, str]) -> subprocess.Popen:
-    """Start the suite in `root` on `combination` ("rabbitmq-engine", ...), its JUnit XML
-    written to `report`, its output to `report` with ``.log``; `environment` adds the plugin's
-    ``ENGINE_CONFORMANCE_*`` variables."""
+def start(combination: str, part: str, root: Path, report: Path, environment: dict[str, str]) -> subprocess.Popen:
+    """Start one of the `PARTS` of the suite in `root` on `combination` ("rabbitmq-engine", ...),
+    its JUnit XML written to `report`, its output to `report` with ``.log``; `environment` adds
+    the plugin's ``ENGINE_CONFORMANCE_*`` variables."""
     broker, middleware = combination.split("-")
     # The run's settings are the plugin's: none of this process's ENGINE_* may leak in.
     env = {name: value for name, value in os.environ.items() if not name.startswith("ENGINE_")}
@@ -105,7 +113,7 @@ def start(combination: str, root: Path, report: Path, environment: dict[str, str
         PYTHONPATH=os.pathsep.join(filter(None, [str(PLUGIN_DIR), env.get("PYTHONPATH")])),
     )
     command = [
-        sys.executable, "-m", "pytest", "tests",
+        sys.executable, "-m", "pytest", *PARTS[part],
         "-p", "engine_conformance", "-p", "no:cacheprovider", "-p", "timeout",
         f"--timeout={TEST_TIMEOUT_S}", f"--junitxml={report}", "-o", "junit_family=xunit2",
         "-q", "-rfE", "--no-header", "--durations=15", "-W", "ignore::DeprecationWarning",
@@ -140,18 +148,22 @@ class Outcome:
         )
 
 
-def read_report(combination: str, report: Path, deselected: int) -> Outcome:
-    """The outcome of a run from its JUnit XML report.
+def read_reports(combination: str, reports: list[Path]) -> Outcome:
+    """The outcome of a combination's runs from their JUnit XML reports (and the deselected
+    counts in their ``.log`` output).
 
     Raises:
-      ValueError: the report is missing or malformed (the run died before writing it).
+      ValueError: a report is missing or malformed (its run died before writing it).
     """
-    try:
-        suites = ElementTree.parse(report).getroot()
-    except (OSError, ElementTree.ParseError) as error:
-        raise ValueError(f"no report from the {combination} run: {error}") from None
+    cases: list[ElementTree.Element] = []
+    for report in reports:
+        try:
+            cases.extend(ElementTree.parse(report).getroot().iter("testcase"))
+        except (OSError, ElementTree.ParseError) as error:
+            raise ValueError(f"no report from the {combination} run: {error}") from None
+    deselected = sum(_deselected_count(report.with_suffix(".log")) for report in reports)
     problems: dict[str, Optional[ElementTree.Element]] = {}
-    for case in suites.iter("testcase"):
+    for case in cases:
         test = f"{case.get('classname', '').rsplit('.', 1)[-1]}.py::{case.get('name')}"
         problem = next((child for child in case if child.tag in ("failure", "error", "skipped")), None)
         # A test whose teardown failed too has a second entry: the first problem stands.
@@ -176,7 +188,7 @@ def read_report(combination: str, report: Path, deselected: int) -> Outcome:
     return outcome
 
 
-def deselected_count(log: Path) -> int:
+def _deselected_count(log: Path) -> int:
     """The ``N deselected`` of pytest's summary line in a run's output (0 if none)."""
     for line in reversed(log.read_text(errors="replace").splitlines()):
         words = line.replace(",", " ").split()

@@ -2,8 +2,8 @@
 of broker (RabbitMQ + PostgreSQL, embedded SQLite) and middleware (Dramatiq's default, the
 engine's). See docs/dramatiq-conformance.md.
 
-The four runs start together (each in its own pytest process, RabbitMQ vhost and PostgreSQL
-database) and each test waits for its own. A test fails when a test of Dramatiq's fails that
+The four runs start together, each in two pytest processes (see `suite.PARTS`) with a RabbitMQ
+vhost and a PostgreSQL database of their own, and each test waits for its own. A test fails when a test of Dramatiq's fails that
 is not listed in `expectations.EXPECTED_FAILURES`, and when a listed one passes.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator, Optional
@@ -49,33 +50,38 @@ class _Runs:
     def start_all(self) -> None:
         for combination in expectations.COMBINATIONS:
             try:
-                environment = self._services(combination)
+                # Each part its own: the parts' workers must not take each other's messages.
+                environments = {part: self._services(combination) for part in suite.PARTS}
             except (pika.exceptions.AMQPError, psycopg.Error, OSError, subprocess.SubprocessError) as error:
                 self.unavailable[combination] = f"RabbitMQ or PostgreSQL is not reachable: {error}"
                 continue
-            self.processes[combination] = suite.start(combination, self.root, self.report(combination), environment)
+            for part, environment in environments.items():
+                self.processes[f"{combination}-{part}"] = suite.start(
+                    combination, part, self.root, self.report(combination, part), environment
+                )
 
-    def report(self, combination: str) -> Path:
-        return self.reports / f"{combination}.xml"
+    def report(self, combination: str, part: str) -> Path:
+        return self.reports / f"{combination}-{part}.xml"
 
     def wait(self, combination: str) -> suite.Outcome:
-        process = self.processes[combination]
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        for part in suite.PARTS:
+            process = self.processes[f"{combination}-{part}"]
+            try:
+                process.wait(timeout=max(deadline - time.monotonic(), 0))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                pytest.fail(f"the {combination} run took more than {RUN_TIMEOUT_S} s:\n{self.output(combination)}")
         try:
-            process.wait(timeout=RUN_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            pytest.fail(f"the {combination} run took more than {RUN_TIMEOUT_S} s:\n{self.output(combination)}")
-        try:
-            return suite.read_report(combination, self.report(combination), suite.deselected_count(self.log(combination)))
+            return suite.read_reports(combination, [self.report(combination, part) for part in suite.PARTS])
         except ValueError as error:
             pytest.fail(f"{error}\n{self.output(combination)}")
 
-    def log(self, combination: str) -> Path:
-        return self.report(combination).with_suffix(".log")
-
-    def output(self, combination: str, tail: int = 6000) -> str:
-        return self.log(combination).read_text(errors="replace")[-tail:]
+    def output(self, combination: str, tail: int = 3000) -> str:
+        """The end of each part's output."""
+        logs = [self.report(combination, part).with_suffix(".log") for part in suite.PARTS]
+        return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-tail:]}" for log in logs if log.exists())
 
     def _services(self, combination: str) -> dict[str, str]:
         if combination not in expectations.RABBITMQ:

@@ -66,9 +66,12 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Modules named on the command line are collected whatever pytest_ignore_collect says.
     selected, deselected = [], []
     for item in items:
-        (deselected if expectations.deselected(expectations.test_id(item.nodeid), COMBINATION) else selected).append(item)
+        test = expectations.test_id(item.nodeid)
+        skipped = expectations.module_skipped(test.split("::")[0], COMBINATION)
+        (deselected if skipped or expectations.deselected(test, COMBINATION) else selected).append(item)
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = selected

@@ -75,7 +75,7 @@ MODULES_NOT_RUN: dict[str, Listed] = {
 #: Tests of the modules that run, deselected.
 DESELECTED: dict[str, Listed] = {
     "test_rabbitmq.py::test_rabbitmq_workers_handle_rabbit_failures_gracefully": Listed(
-        RABBITMQ,
+        COMBINATIONS,
         "stops and starts the RabbitMQ node (rabbitmqctl stop_app): never on a machine whose RabbitMQ others use;"
         " reconnection is tested by tests/brokers/test_rabbitmq_broker.py",
     ),
@@ -129,10 +129,10 @@ EXPECTED_FAILURES: dict[str, Listed] = {
     },
     "test_worker.py::test_workers_process_messages_in_order": Listed(COMBINATIONS, _DELIVERY_TIMING, sometimes=True),
     "test_actors.py::test_actors_can_prioritize_work": Listed(
-        SQLITE,
+        COMBINATIONS,
         "timing: the worker orders by actor priority only the messages it has prefetched; the paused"
-        " SQLite consumer had claimed a low-priority one before it saw the pause, and the worker thread"
-        " runs it before the others are claimed",
+        " consumer had taken a low-priority one before it saw the pause, and the worker thread runs it"
+        " before the others are in",
         sometimes=True,
     ),
     **{
@@ -190,6 +190,26 @@ EXPECTED_FAILURES: dict[str, Listed] = {
         BUG,
         sometimes=True,
     ),
+    **{
+        test: Listed(
+            (combination,),
+            f"seen failing once, under load ({symptom}); not diagnosed yet, reported to the lead",
+            BUG,
+            sometimes=True,
+        )
+        for test, combination, symptom in (
+            (
+                "test_results.py::test_actors_can_store_results[stub]",
+                RABBITMQ_DRAMATIQ,
+                "ResultTimeout: no result of a no-op job within 10 s",
+            ),
+            (
+                "test_rabbitmq.py::test_rabbitmq_broker_can_enqueue_messages_with_priority",
+                RABBITMQ_ENGINE,
+                "ConnectionClosed: ConnectionRefusedError from a RabbitMQ that was up",
+            ),
+        )
+    },
     "test_worker.py::test_exception_from_actor_doesnt_leak": Listed(
         ENGINE_MIDDLEWARE,
         "issue 16: the retry of an actor with max_backoff=1 (ms) arrives before the failed attempt's end is"
