@@ -193,7 +193,7 @@ EXPECTED_FAILURES: dict[str, Listed] = {
     **{
         test: Listed(
             (combination,),
-            f"seen failing once, under load ({symptom}); not diagnosed yet, reported to the lead",
+            f"fails in some runs ({symptom}); not diagnosed yet, reported to the lead",
             BUG,
             sometimes=True,
         )
