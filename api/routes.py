@@ -21,7 +21,7 @@ from engine.store import decode_cursor
 from scheduler.definition import ScheduleNotFound
 
 from . import models as m
-from .routing import ApiError, Reply, Request, Route
+from .routing import RETRY_AFTER_S, ApiError, Reply, Request, Route, first_line
 
 #: Workers heard from within this many seconds are listed, dead or alive.
 WORKERS_RECENT_S = 3600.0
@@ -230,15 +230,15 @@ class Endpoints:
         return m.Health()
 
     def ready(self, request: Request) -> m.Readiness:
-        unavailable = {"Retry-After": "5"}
+        unavailable = {"Retry-After": str(RETRY_AFTER_S)}
         try:
             get_store().ping()
         except Exception as error:  # noqa: BLE001
-            raise ApiError(503, "store_unavailable", f"the job store cannot be reached: {_line(error)}", headers=unavailable) from None
+            raise ApiError(503, "store_unavailable", f"the job store cannot be reached: {first_line(error)}", headers=unavailable) from None
         try:
             client.queue_depths()
         except Exception as error:  # noqa: BLE001
-            raise ApiError(503, "broker_unavailable", f"the broker cannot be reached: {_line(error)}", headers=unavailable) from None
+            raise ApiError(503, "broker_unavailable", f"the broker cannot be reached: {first_line(error)}", headers=unavailable) from None
         return m.Readiness()
 
     def openapi(self, request: Request) -> Reply:
@@ -267,7 +267,3 @@ def _check_cursor(cursor: Optional[str]) -> None:
 
 def _epoch(value: Any) -> Optional[float]:
     return None if value is None else value.timestamp()
-
-
-def _line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]

@@ -29,6 +29,15 @@ ERROR_REASONS = {
 }
 
 
+#: Seconds a client is told to wait (`Retry-After`) when the store or broker is down.
+RETRY_AFTER_S = 5
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first line, short enough for an error message."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
 class ApiError(Exception):
     """An error answer: raised by handlers and by the server's checks.
 

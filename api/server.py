@@ -45,10 +45,7 @@ from engine.settings import Settings
 from scheduler.definition import InvalidSchedule, ScheduleNotFound
 
 from .models import ErrorDetail, ErrorResponse, FieldError
-from .routing import ApiError, Reply, Request, Route, Router
-
-#: Seconds a client is told to wait when the store or broker is down.
-RETRY_AFTER_S = 5
+from .routing import RETRY_AFTER_S, ApiError, Reply, Request, Route, Router, first_line
 
 _SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -319,16 +316,12 @@ def _api_error(error: Exception, method: str, path: str, request_id: str) -> Api
     if isinstance(error, InvalidArguments):
         return ApiError(422, "invalid_arguments", str(error), fields=error.problems)
     if isinstance(error, (DBAPIError, PoolTimeout)) or (isinstance(error, TrackingError) and isinstance(error.__cause__, DBAPIError)):
-        return ApiError(503, "store_unavailable", f"the job store cannot be reached: {_first_line(error)}", headers=unavailable)
+        return ApiError(503, "store_unavailable", f"the job store cannot be reached: {first_line(error)}", headers=unavailable)
     if isinstance(error, BrokerConnectionError):
-        return ApiError(503, "broker_unavailable", f"the broker cannot be reached: {_first_line(error)}", headers=unavailable)
+        return ApiError(503, "broker_unavailable", f"the broker cannot be reached: {first_line(error)}", headers=unavailable)
     if isinstance(error, TrackingError):
         return ApiError(503, "store_unavailable", str(error), headers=unavailable)
     if isinstance(error, EngineError):
         return ApiError(422, "invalid_request", str(error))
     logger.opt(exception=error).error("API {} {} failed (request {})", method, path, request_id)
     return ApiError(500, "internal_error", f"the server failed; its log has the details under request {request_id}")
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
