@@ -59,7 +59,7 @@ def test_an_engine_started_by_a_killed_test_run_dies_with_it(engine_env, tmp_pat
     )
     supervisor = psutil.Process(int(test_run.stdout.readline()))
     try:
-        workers = wait_for(lambda: len(supervisor.children()) == 2 and supervisor.children(), 30, "two workers")
+        workers = wait_for(lambda: len(supervisor.children()) == 2 and supervisor.children(), 60, "two workers")
         engine_pids = [supervisor.pid, *(worker.pid for worker in workers)]
 
         # when the test run is killed, with no chance to clean up
@@ -67,7 +67,7 @@ def test_an_engine_started_by_a_killed_test_run_dies_with_it(engine_env, tmp_pat
         test_run.wait(timeout=5)
 
         # then its supervisor and the supervisor's workers are gone too
-        wait_for(lambda: not any(alive(pid) for pid in engine_pids), 5, "the engine processes to die")
+        wait_for(lambda: not any(alive(pid) for pid in engine_pids), 10, "the engine processes to die")
     finally:
         test_run.kill()
         test_run.wait()
