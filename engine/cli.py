@@ -140,7 +140,7 @@ def status(args: argparse.Namespace) -> int:
     _print_line(f"[bold]{job.id}[/bold]  {job.actor}  {_styled(job.state)}")
     _print_line(f"  created {job.to_dict()['created_at']}  attempts {job.attempts}")
     if job.progress_percent is not None:
-        _print_line(f"  progress {job.progress_percent:.0f}% {job.progress_message or ''}")
+        _print_line(f"  progress {job.progress_percent:.0f}% {escape(job.progress_message or '')}")
     if job.last_error:
         _print_line(f"  last error: {job.last_error}", markup=False)
     if trail:
@@ -149,7 +149,7 @@ def status(args: argparse.Namespace) -> int:
             row = attempt.to_dict()
             duration = f"{attempt.duration_ms:.0f} ms" if attempt.duration_ms is not None else ""
             worker_name = f"{attempt.worker_host}:{attempt.worker_pid}"
-            error = f"{attempt.error_type}: {attempt.error_message}" if attempt.error_type else ""
+            error = escape(f"{attempt.error_type}: {attempt.error_message}") if attempt.error_type else ""
             table.add_row(str(attempt.number), attempt.outcome or "running", worker_name, row["started_at"], duration, error)
         _print_table(table)
     return 0
@@ -176,7 +176,7 @@ def watch_job(job_id: str, *, interval: float = 0.5) -> int:
                     bar.update(task, completed=100)
                 break
             time.sleep(interval)
-    _print_line(f"{job.id} {_styled(job.state)}" + (f": {job.last_error}" if job.last_error and job.state != JobState.SUCCEEDED else ""))
+    _print_line(f"{job.id} {_styled(job.state)}" + (f": {escape(job.last_error)}" if job.last_error and job.state != JobState.SUCCEEDED else ""))
     return 0 if job.state == JobState.SUCCEEDED else 1
 
 

@@ -32,7 +32,7 @@ def greet(name):
 
 @engine.actor
 def refuse(name):
-    raise engine.PermanentError(f"not {name}")
+    raise engine.PermanentError(f"[{name}] is not welcome")  # brackets, as rich markup has
 """
 
 
@@ -228,6 +228,8 @@ def test_ids_and_states_are_never_cut_however_narrow_the_output(project, project
 
         assert job_id in output and state in output, output
         assert "…" not in output, output
+        if command == "status" and state == "failed":
+            assert "[bob]" in output, output  # the error's text, not taken for markup
     if where == "piped":
         # One row a line, with no borders, for grep and awk.
         rows = [line.split() for line in outputs[0].splitlines() if finished_jobs["succeeded"] in line]
