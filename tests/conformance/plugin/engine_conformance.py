@@ -38,7 +38,7 @@ from engine.broker import MAX_PRIORITY, build_broker, build_middleware
 from engine.middleware import Tracking
 from engine.settings import Settings
 from engine.store import Store
-from engine.worker import _bind_to_parent
+from engine.lifetime import die_with_parent
 
 import expectations
 
@@ -55,7 +55,7 @@ def pytest_configure(config: pytest.Config) -> None:
     logging.getLogger("pika").setLevel(logging.WARN)
     random.seed(1337)
     parent_pid = os.environ.get("ENGINE_CONFORMANCE_PARENT_PID")
-    if parent_pid and not _bind_to_parent(int(parent_pid)):
+    if parent_pid and not die_with_parent(int(parent_pid)):
         pytest.exit("the pytest run that started this one is gone", returncode=3)
 
 
