@@ -88,6 +88,23 @@ def worker(args: argparse.Namespace, others: Sequence[tuple[str, list[str]]] = (
     )
 
 
+def api(args: argparse.Namespace) -> int:
+    """The HTTP API and status page alone, on ENGINE_API_HOST:ENGINE_API_PORT."""
+    import engine.actors  # noqa: F401  (registers every actor, so that jobs can be submitted by name)
+
+    from api import serve
+
+    from .logging import setup_logging
+
+    overrides = {"api_host": args.host, "api_port": args.port}
+    settings = get_settings().model_copy(update={name: value for name, value in overrides.items() if value is not None})
+    setup_logging(settings)
+    try:
+        return serve(settings)
+    except OSError as error:  # the port is taken, the address is not this host's
+        raise EngineError(f"cannot listen on {settings.api_host}:{settings.api_port}: {error.strerror or error}") from None
+
+
 def db_upgrade(args: argparse.Namespace) -> int:
     """Create or migrate the job store's schema."""
     from . import migrations
@@ -296,6 +313,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--processes", "-p", type=int, help="worker processes (ENGINE_WORKER_PROCESSES)")
         sub.add_argument("--threads", "-t", type=int, help="threads per process (ENGINE_WORKER_THREADS)")
         sub.add_argument("--queues", "-Q", nargs="*", help="only these queues (default: all)")
+
+    sub = command("api", api)
+    sub.add_argument("--host", help="address to bind (ENGINE_API_HOST, default 127.0.0.1)")
+    sub.add_argument("--port", type=int, help="port (ENGINE_API_PORT, default 8080)")
 
     db = commands.add_parser("db", help="manage the job store's schema")
     db_commands = db.add_subparsers(required=True, metavar="ACTION")
