@@ -25,6 +25,7 @@ from dramatiq.middleware import (
 from .brokers import RabbitmqBroker, SQLiteBroker
 from .errors import ConfigError
 from .middleware import Heartbeat, Retries, Tracking
+from .middleware.arguments import Arguments
 from .middleware.cancellation import Cancellation
 from .middleware.resend import Resend
 from .middleware.scheduling import BatchScheduling
@@ -57,6 +58,7 @@ def build_middleware(settings: Settings, store: Store) -> list[Middleware]:
     resend = Resend(store, older_than_s=2 * settings.send_behind_timeout_s, interval_s=settings.send_behind_timeout_s)
     return [
         CurrentMessage(),
+        Arguments(),  # before anything records the job: a send that does not fit is refused whole
         heartbeat,
         resend,
         Cancellation(store, broker_url=settings.broker_url, check_interval=settings.cancel_check_interval_s),

@@ -51,8 +51,31 @@ def submit(
       Job: the job as recorded (state `queued`, or `scheduled` when delayed).
 
     Raises:
-      UnknownActor, ArgumentsNotSerializable, EngineError (bad delay or priority),
-      TrackingError (the store is unreachable; nothing was enqueued).
+      UnknownActor, InvalidArguments (they do not fit the actor), ArgumentsNotSerializable,
+      EngineError (bad delay or priority), TrackingError (the store is unreachable; nothing
+      was enqueued).
+    """
+    job, _ = submit_call(actor_name, args, kwargs, idempotency_key=idempotency_key, delay=delay, priority=priority)
+    return job
+
+
+def submit_call(
+    actor_name: str,
+    args: Union[list[Any], tuple[Any, ...]],
+    kwargs: dict[str, Any],
+    *,
+    idempotency_key: Optional[str] = None,
+    delay: Union[float, timedelta, None] = None,
+    priority: Optional[int] = None,
+) -> tuple[Job, bool]:
+    """`submit` with the actor's arguments apart from the options, so that an actor may have a
+    parameter named `priority` or `delay` (the HTTP API submits this way).
+
+    Returns:
+      (Job, bool): the job, and whether it is new (False: the idempotency key's first job).
+
+    Raises:
+      As `submit`.
     """
     broker, store = get_broker(), get_store()
     try:
@@ -62,7 +85,7 @@ def submit(
     if idempotency_key is not None:
         existing = store.find_by_idempotency_key(idempotency_key)
         if existing is not None:
-            return existing
+            return existing, False
     options: dict[str, Any] = {"delay": _delay_ms(delay)}
     if idempotency_key is not None:
         options["idempotency_key"] = idempotency_key
@@ -72,10 +95,10 @@ def submit(
         options["broker_priority"] = priority
     try:
         with sending_now():  # the job returned is one RabbitMQ has
-            message = actor.send_with_options(args=args, kwargs=kwargs, **options)
+            message = actor.send_with_options(args=tuple(args), kwargs=kwargs, **options)
     except DuplicateJob:  # another process submitted the same key between our lookup and insert
-        return store.find_by_idempotency_key(idempotency_key)  # type: ignore[arg-type, return-value]
-    return store.get(message.message_id)
+        return store.find_by_idempotency_key(idempotency_key), False  # type: ignore[arg-type, return-value]
+    return store.get(message.message_id), True
 
 
 def get(job_id: str) -> Job:
@@ -108,10 +131,12 @@ def jobs(
     *,
     status: Union[JobState, str, None] = None,
     actor: Optional[str] = None,
+    schedule: Optional[str] = None,
     limit: int = 50,
     cursor: Optional[str] = None,
 ) -> Page:
-    """Jobs newest first, filtered by state and actor, a page at a time.
+    """Jobs newest first, filtered by state, actor and the schedule that created them, a page
+    at a time.
 
     Raises:
       EngineError: an unknown status, a limit outside 1..1000 or a malformed cursor.
@@ -123,7 +148,9 @@ def jobs(
     except ValueError:
         raise EngineError(f"unknown status {status!r}; one of: {', '.join(JobState)}") from None
     _read_own_sends()
-    page, next_cursor = get_store().list_jobs(state=state, actor=actor, limit=limit, cursor=cursor)
+    page, next_cursor = get_store().list_jobs(
+        state=state, actor=actor, schedule=schedule, limit=limit, cursor=cursor
+    )
     return Page(page, next_cursor)
 
 

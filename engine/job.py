@@ -92,6 +92,8 @@ class Job:
     scheduled_for: Optional[float]
     started_at: Optional[float]
     finished_at: Optional[float]
+    schedule: Optional[str] = None  # the cron schedule that created it
+    fire_time: Optional[float] = None  # the schedule's fire time it is for (not when it was sent)
 
     def message(self, options: dict[str, Any]) -> Message:
         """The message that runs this job (its id is the job's), sent with `options`: how the
@@ -108,7 +110,7 @@ class Job:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view, timestamps in ISO 8601."""
         data = asdict(self)
-        for name in ("created_at", "scheduled_for", "started_at", "finished_at"):
+        for name in ("created_at", "scheduled_for", "started_at", "finished_at", "fire_time"):
             data[name] = _iso(data[name])
         data["progress"] = {"percent": data.pop("progress_percent"), "message": data.pop("progress_message")}
         return data
@@ -136,3 +138,20 @@ class Attempt:
         data["started_at"] = _iso(self.started_at)
         data["finished_at"] = _iso(self.finished_at)
         return data
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One worker process as its heartbeats tell: alive while they keep coming."""
+
+    id: str
+    host: str
+    pid: int
+    started_at: float
+    heartbeat_at: float
+    stopped_at: Optional[float]  # a graceful stop, or its death seen by the supervisor
+    running_jobs: list[str]  # ids of the jobs it runs now
+
+    def alive(self, *, now: float, dead_after_s: float) -> bool:
+        """Whether it runs: not stopped, and heard from within `dead_after_s`."""
+        return self.stopped_at is None and now - self.heartbeat_at < dead_after_s

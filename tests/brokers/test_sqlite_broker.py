@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 from engine.brokers import SQLiteBroker
 from engine.store.schema import jobs, messages
 from engine.store import Store
+from tests.support.processes import start_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -359,6 +360,7 @@ import sys, time
 from dramatiq import Message
 from engine.brokers import SQLiteBroker
 from engine.store import Store
+from tests.support.processes import start_process
 
 broker = SQLiteBroker(Store(sys.argv[1]), middleware=[])
 print("ready", flush=True)
@@ -381,7 +383,7 @@ def test_an_enqueue_in_this_process_wakes_an_idle_consumer_at_once(broker, consu
 
 def test_an_enqueue_in_another_process_wakes_an_idle_consumer_at_once(store, broker, consumers):
     consumer = consumers(broker, timeout=5000)
-    sender = subprocess.Popen(
+    sender = start_process(
         [sys.executable, "-c", SENDER, store.url], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
 

@@ -19,7 +19,7 @@ import engine
 from engine import JobState, Outcome
 from engine.store.schema import jobs
 from tests.support import actors
-from tests.support.processes import completions, wait_for, wait_for_state
+from tests.support.processes import completions, run_process, wait_for, wait_for_state
 
 pytestmark = pytest.mark.integration
 
@@ -111,7 +111,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 def killed_sender(env: dict[str, str]) -> list[str]:
     """Run `KILLED_SENDER`; the ids of the jobs it sent."""
-    done = subprocess.run(
+    done = run_process(
         [sys.executable, "-c", KILLED_SENDER], env={**os.environ, **env}, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == -signal.SIGKILL, done.stderr
