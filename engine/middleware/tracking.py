@@ -131,6 +131,10 @@ class Tracking(Middleware):
         if message.options.get(RECHECK_OPTION):
             return  # the job's row exists and is `running`: nothing to record
         now = time.time()
+        # A message given a delay, even none (a retry with no backoff), waits as `scheduled`
+        # until it falls due: a running job may only move there (`REENQUEUE_TRANSITIONS`),
+        # and its retry, recorded as `queued`, would leave it `running` for good.
+        delayed = delay is not None
         try:
             args, kwargs = json.dumps(message.args), json.dumps(message.kwargs)
         except (TypeError, ValueError) as error:
@@ -148,17 +152,17 @@ class Tracking(Middleware):
             "priority": message.options.get("broker_priority") or 0,
             "idempotency_key": message.options.get("idempotency_key"),
             "created_at": now,
-            "scheduled_for": now + delay / 1000 if delay else None,
+            "scheduled_for": now + delay / 1000 if delay is not None else None,
         }
         if self.store.in_transaction():
             # The embedded broker's enqueue: the row is committed with the message, or neither is.
-            self._record_now(lambda: self.store.record_enqueue(row, delayed=bool(delay)), message)
+            self._record_now(lambda: self.store.record_enqueue(row, delayed=delayed), message)
             return
         in_flight = rows_in_flight.get()
         # Committed with the rows of the process's other sends; a row its sender does not wait
         # for waits out a database outage instead of failing.
         recorded = self.store.writer.submit(
-            self.store.record_enqueues, EnqueueRecord(row, bool(delay)), patient=in_flight is not None
+            self.store.record_enqueues, EnqueueRecord(row, delayed), patient=in_flight is not None
         )
         if in_flight is not None:
             in_flight.append(recorded)  # the broker sends the message once its row is committed
