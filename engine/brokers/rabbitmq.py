@@ -833,7 +833,11 @@ class _Sender:
         if not report:
             return
         if not all_done:
-            raise TimeoutError(f"jobs are still being sent to RabbitMQ at {self.broker.address} after {timeout} s")
+            left = [job_id for job_id, future in list(self.unsent.items()) if not future.done()]
+            raise TimeoutError(
+                f"{len(left)} jobs are still being sent to RabbitMQ at {self.broker.address} after {timeout} s "
+                f"(the first: {', '.join(left[:5])})"
+            )
         if message_id is not None:
             for future in pending:
                 future.result()  # raises its error
@@ -897,6 +901,10 @@ class _Publisher:
         self._send([outgoing for outgoing in batch if self._recorded(outgoing)])
 
     def close(self) -> None:
+        """The sender thread stops: what it published waits for RabbitMQ's confirms first (its
+        last batch left them for the next one), so that each job ends sent or failed."""
+        if self._unconfirmed or self._to_publish:
+            self._send([])
         self._disconnect()
 
     def _send(self, batch: list[_Outgoing]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -736,3 +737,35 @@ def test_quorum_queues_hold_long_delays_too(brokers, workers, amqp_vhost, queue)
     listed = rabbitmqctl("list_queues", "-q", "--no-table-headers", "-p", amqp_vhost, "name", "type")
     types = dict(line.split("\t") for line in listed.splitlines())
     assert {types[f"{queue}{suffix}"] for suffix in ("", ".DQ", ".HQ", ".XQ")} == {"quorum"}
+
+
+#: A user's script: 100 sends, then the broker closed; it prints when close() returned.
+SEND_AND_CLOSE = """
+import sys, time
+import dramatiq
+from engine.broker import build_broker
+from engine.settings import Settings
+
+broker = build_broker(Settings(store_url=sys.argv[1], broker_url=sys.argv[2]))
+actor = dramatiq.actor(lambda n: None, broker=broker, actor_name="noop", queue_name=sys.argv[3])
+for n in range(100):
+    actor.send(n)
+broker.close()
+print(time.time(), flush=True)
+"""
+
+
+@pytest.mark.sends_behind
+def test_a_script_that_sends_and_closes_the_broker_exits_at_once_with_every_job_sent(tmp_path, amqp_url, queue, spy):
+    # when a script sends 100 jobs and closes the broker
+    done = subprocess.run(
+        [sys.executable, "-c", SEND_AND_CLOSE, f"sqlite:///{tmp_path}/engine.db", amqp_url, queue],
+        capture_output=True, text=True, timeout=60,
+    )
+    exited_at = time.time()
+
+    # then it exits within a second of close(), which returned once RabbitMQ had confirmed them
+    assert done.returncode == 0, done.stderr
+    assert exited_at - float(done.stdout.split()[-1]) < 1.0
+    assert "not sent" not in done.stderr and "ERROR" not in done.stderr, done.stderr
+    assert spy(queue) == 100
