@@ -148,6 +148,11 @@ class RabbitmqBroker(HookDispatch, _DramatiqRabbitmqBroker):
     it is called. A sending thread borrows a connection for one publish and gives it back;
     when all are lent it waits for one. A broken connection is dropped and replaced.
 
+    ``broker.connection`` and ``broker.channel`` are Dramatiq's: a connection and a channel of
+    the calling thread, opened on first use outside the pool, for code of the user's own
+    (health checks, declarations); ``del broker.connection`` closes a broken one, and the next
+    use opens another. The broker's own sends never use them.
+
     Parameters:
       url(str|list[str]): the ``amqp://`` URL(s) of RabbitMQ. pika's URL options (e.g.
         ``?heartbeat=30&socket_timeout=5``) apply; see :class:`dramatiq.brokers.rabbitmq.RabbitmqBroker`.
@@ -214,16 +219,6 @@ class RabbitmqBroker(HookDispatch, _DramatiqRabbitmqBroker):
     @property
     def consumer_class(self) -> type[_RabbitmqConsumer]:
         return _HoldingConsumer
-
-    @property
-    def connection(self) -> BlockingConnection:
-        """Not available: Dramatiq's connection per thread is what the pool replaces."""
-        raise RuntimeError("this broker's connections are pooled: borrow a channel with `broker.pool.channel()`")
-
-    @property
-    def channel(self) -> BlockingChannel:
-        """Not available: Dramatiq's channel per thread is what the pool replaces."""
-        raise RuntimeError("this broker's connections are pooled: borrow a channel with `broker.pool.channel()`")
 
     @property
     def address(self) -> str:

@@ -769,3 +769,30 @@ def test_a_script_that_sends_and_closes_the_broker_exits_at_once_with_every_job_
     assert exited_at - float(done.stdout.split()[-1]) < 1.0
     assert "not sent" not in done.stderr and "ERROR" not in done.stderr, done.stderr
     assert spy(queue) == 100
+
+
+def test_connection_and_channel_are_the_threads_own_as_in_dramatiq(brokers, queue):
+    broker = brokers()
+
+    # a thread's connection and channel are its own, the same at each use
+    assert broker.connection is broker.connection and broker.connection.is_open
+    broker.channel.queue_declare(queue, durable=True)  # a user's own declaration
+    assert broker.channel.queue_declare(queue, passive=True).method.message_count == 0
+    other: list = []
+    thread = threading.Thread(target=lambda: other.append(broker.connection))
+    thread.start()
+    thread.join()
+    assert other[0] is not broker.connection
+
+    # deleting them drops them, and never raises, not even twice
+    dropped = broker.connection
+    del broker.connection
+    del broker.connection
+    del broker.channel
+    assert not dropped.is_open
+    assert broker.connection is not dropped and broker.connection.is_open
+
+    # closing the broker closes them
+    kept = broker.connection
+    broker.close()
+    assert not kept.is_open and not other[0].is_open
