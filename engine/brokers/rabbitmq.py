@@ -475,7 +475,9 @@ class RabbitmqBroker(HookDispatch, _DramatiqRabbitmqBroker):
             time.sleep(idle_time / 1000)
 
     def flush(self, queue_name: str) -> None:
-        """Drop all the messages of a queue and of its delay, hold and dead-letter queues."""
+        """Drop all the messages of a queue and of its delay, hold and dead-letter queues,
+        the process's sends still on their way included: they are waited for first."""
+        self.settle_sends()
         for name in (q_name(queue_name), dq_name(queue_name), hq_name(queue_name), xq_name(queue_name)):
             try:
                 with self.pool.channel() as channel:

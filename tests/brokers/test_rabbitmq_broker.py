@@ -796,3 +796,19 @@ def test_connection_and_channel_are_the_threads_own_as_in_dramatiq(brokers, queu
     kept = broker.connection
     broker.close()
     assert not kept.is_open and not other[0].is_open
+
+
+@pytest.mark.sends_behind
+def test_a_flush_drops_the_sends_still_on_their_way(tmp_path, amqp_url, queue, spy):
+    broker, _, actor = sender_of_noops(tmp_path, amqp_url, queue)
+    broker.declare_queue(queue)
+
+    # when jobs are sent without waiting and the queues flushed at once
+    for n in range(1000):
+        actor.send(n)
+    broker.flush_all()
+
+    # then none of them lands after the purge
+    broker.wait_sent()
+    assert spy(queue) == 0
+    broker.close()
