@@ -30,11 +30,13 @@ from .middleware.resend import Resend
 from .middleware.scheduling import BatchScheduling
 from .settings import Settings, get_settings
 from .store import Store
+from .tracked_broker import TrackedBroker
 
 #: RabbitMQ queues are declared with this x-max-priority; `priority` on submit ranges 0..10.
 MAX_PRIORITY = 10
 
 _broker: Optional[Broker] = None
+_store: Optional[Store] = None
 
 
 def build_middleware(settings: Settings, store: Store) -> list[Middleware]:
@@ -51,6 +53,7 @@ def build_middleware(settings: Settings, store: Store) -> list[Middleware]:
         dead_after_s=settings.worker_dead_after_s,
         result_max_bytes=settings.result_max_bytes,
         traceback_max_bytes=settings.traceback_max_bytes,
+        progress_interval_s=settings.progress_interval_s,
     )
     # Jobs whose sender died before sending them are looked for once a live sender would have
     # given up on them (and failed them) twice over.
@@ -89,6 +92,7 @@ def build_broker(settings: Settings) -> Broker:
         return SQLiteBroker(store, middleware=middleware)
     return RabbitmqBroker(
         url=settings.broker_url,
+        store=store,
         middleware=middleware,
         confirm_delivery=True,
         # RabbitMQ 3.10 quorum queues have no priorities.
@@ -96,14 +100,21 @@ def build_broker(settings: Settings) -> Broker:
         quorum_queues=settings.rabbitmq_quorum_queues,
         delay_hold_ms=settings.delay_hold_ms,
         pool_size=settings.broker_pool_size,
-        send_behind_timeout=settings.send_behind_timeout_s,
+        send_behind_timeout_s=settings.send_behind_timeout_s,
     )
 
 
-def use(broker: Broker) -> Broker:
-    """Make `broker` the engine's and Dramatiq's global broker (tests use it with a StubBroker)."""
-    global _broker
-    _broker = broker
+def use(broker: Broker, store: Optional[Store] = None) -> Broker:
+    """Make `broker` the engine's and Dramatiq's global broker.
+
+    Parameters:
+      store(Store): where its jobs are tracked; by default the store the broker was handed
+        (`TrackedBroker.store`). Tests pass the one of a StubBroker's Tracking.
+    """
+    global _broker, _store
+    if store is None and isinstance(broker, TrackedBroker):
+        store = broker.store
+    _broker, _store = broker, store
     dramatiq.set_broker(broker)
     return broker
 
@@ -114,11 +125,15 @@ def get_broker() -> Broker:
 
 
 def get_store() -> Store:
-    """The store the process's broker tracks jobs in."""
-    for middleware in get_broker().middleware:
-        if isinstance(middleware, Tracking):
-            return middleware.store
-    raise RuntimeError("the broker has no Tracking middleware: build it with engine.broker.build_middleware")
+    """The store the process's broker tracks jobs in.
+
+    Raises:
+      RuntimeError: the broker was made the engine's without a store.
+    """
+    get_broker()
+    if _store is None:
+        raise RuntimeError("the engine's broker has no store: build it with build_broker, or pass one to use()")
+    return _store
 
 
 def actor(fn: Optional[Callable[..., Any]] = None, **options: Any) -> Any:

@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     cancel_check_interval_s: float = Field(
         default=1.0, gt=0, description="how often workers look in the store for cancel requests they missed"
     )
+    progress_interval_s: float = Field(
+        default=0.5, ge=0, description="a job's progress is written at most this often; its last value at its end"
+    )
 
     broker_pool_size: int = Field(default=8, ge=1, description="RabbitMQ connections shared by sending threads")
     rabbitmq_quorum_queues: bool = Field(default=False, description="replicated quorum queues (no priorities)")

@@ -35,7 +35,7 @@ def stub_broker(settings, store):
     """The engine's middleware on Dramatiq's StubBroker, made the engine's broker."""
     broker = StubBroker(middleware=build_middleware(settings, store))
     broker.emit_after("process_boot")
-    engine.broker.use(broker)
+    engine.broker.use(broker, store)
     yield broker
     broker.flush_all()
     broker.close()

@@ -36,7 +36,8 @@ from sqlalchemy.exc import OperationalError
 
 from ..schema import messages
 from ..store import Store
-from ..writer import Apply
+from ..tracked_broker import TrackedBroker
+from ..writer import Apply, Pending
 from .hooks import HookDispatch
 
 #: The longest an idle consumer sleeps without looking at its queue. It bounds how late an
@@ -47,7 +48,7 @@ POLL_INTERVAL = 1.0
 JOIN_INTERVAL = 0.05
 
 
-class SQLiteBroker(HookDispatch, Broker):
+class SQLiteBroker(HookDispatch, TrackedBroker, Broker):
     """A broker whose queues live in the store's SQLite database.
 
     Messages are delivered by ``broker_priority`` (higher first, as with RabbitMQ), then by due
@@ -64,8 +65,6 @@ class SQLiteBroker(HookDispatch, Broker):
       ValueError: if the store is not in a SQLite file, the one thing its processes share.
     """
 
-    #: Acks and nacks go through the store's writer after Tracking's record of the job's end.
-    settles_when_recorded = True
 
     def __init__(
         self, store: Store, *, middleware: Optional[list[Middleware]] = None, lease_seconds: float = 15.0
@@ -133,6 +132,11 @@ class SQLiteBroker(HookDispatch, Broker):
         # Delayed messages too: a consumer sleeping until a later due time must look again.
         self.wake_consumers()
         return message
+
+    def settle_when_recorded(self, message: MessageProxy, recorded: Pending[None]) -> bool:
+        """Acks and nacks go through the store's writer, which commits them after the writes
+        handed to it before: after Tracking's record of the job's end."""
+        return True
 
     def get_declared_queues(self) -> set[str]:
         return self.queues.copy()

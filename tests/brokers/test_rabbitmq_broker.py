@@ -29,9 +29,10 @@ import engine.broker
 from engine import BrokerUnavailable, JobsNotSent, JobState
 from engine.broker import build_broker
 from engine.brokers import RabbitmqBroker
-from engine.brokers import rabbitmq
-from engine.brokers.rabbitmq import HAND_BACK_AFTER_S, HELD_PER_SLOT, SOCKET_TIMEOUT, sending_now
-from engine.middleware import Tracking
+from engine.brokers.rabbitmq import consumer as rabbitmq_consumer
+from engine.brokers.rabbitmq.connection import SOCKET_TIMEOUT_S
+from engine.brokers.rabbitmq.consumer import HAND_BACK_AFTER_S, HELD_PER_SLOT
+from engine.tracked_broker import sending_now
 from engine.settings import Settings
 from engine.store import Store
 from engine.writer import Pending
@@ -141,7 +142,7 @@ def consuming(worker: Worker, queue: str) -> bool:
 
 
 def store_of(broker: RabbitmqBroker) -> Store:
-    return next(middleware.store for middleware in broker.middleware if isinstance(middleware, Tracking))
+    return broker.store
 
 
 def rabbitmq_connections() -> int:
@@ -538,7 +539,7 @@ def test_sends_to_a_rabbitmq_that_stays_down_fail_their_jobs_visibly(tmp_path, d
 
 
 def test_connect_timeouts_are_bounded_unless_the_url_sets_them():
-    assert RabbitmqBroker(url="amqp://localhost/").parameters.socket_timeout == SOCKET_TIMEOUT
+    assert RabbitmqBroker(url="amqp://localhost/").parameters.socket_timeout == SOCKET_TIMEOUT_S
     assert RabbitmqBroker(url="amqp://localhost/?socket_timeout=7").parameters.socket_timeout == 7
 
 
@@ -595,8 +596,8 @@ def nothing_delivered(consumer) -> bool:
 
 
 def test_a_consumer_holds_more_messages_and_gives_one_as_a_slot_frees(brokers, queue, spy, monkeypatch):
-    monkeypatch.setattr(rabbitmq, "HAND_BACK_AFTER_S", 60.0)  # none is handed back here
-    consumer = consume_jobs(brokers(), queue, HELD_PER_SLOT + 2)
+    monkeypatch.setattr(rabbitmq_consumer, "HAND_BACK_AFTER_S", 60.0)  # none is handed back here
+    consumer = consume_jobs(broker := brokers(), queue, HELD_PER_SLOT + 2)
     first = wait_for(lambda: next(consumer), 5, "a delivery")
 
     # given the one slot taken, the next messages are held, and the last left in the queue
@@ -604,7 +605,7 @@ def test_a_consumer_holds_more_messages_and_gives_one_as_a_slot_frees(brokers, q
     assert spy(queue) == 1
 
     # when the first job ends, its end still being recorded (its message unacknowledged)
-    first.end_recorded = Pending()
+    broker.settle_when_recorded(first, recorded := Pending())
     consumer.ack(first)
 
     # then its slot goes to the oldest held message at once, and no other comes
@@ -613,7 +614,7 @@ def test_a_consumer_holds_more_messages_and_gives_one_as_a_slot_frees(brokers, q
     assert nothing_delivered(consumer)
 
     # and once the first is acknowledged, the last comes to be held
-    first.end_recorded.set_result(None)
+    recorded.set_result(None)
     wait_for(lambda: next(consumer) is None and spy(queue) == 0, 5, "the last message delivered")
     taken = [first, second]
     while len(taken) < HELD_PER_SLOT + 2:
@@ -661,16 +662,16 @@ def test_a_rabbitmq_that_refuses_a_channel_wide_prefetch_gets_a_fixed_one(broker
         return basic_qos(channel, *args, global_qos=global_qos, **kwargs)
 
     monkeypatch.setattr(BlockingChannel, "basic_qos", refuse_global)
-    consumer = consume_jobs(brokers(), queue, 3)
+    consumer = consume_jobs(broker := brokers(), queue, 3)
     first = wait_for(lambda: next(consumer), 5, "a delivery")
 
     # then nothing is held, and a slot stays taken until its message is settled
     assert nothing_delivered(consumer)
     assert spy(queue) == 2
-    first.end_recorded = Pending()
+    broker.settle_when_recorded(first, recorded := Pending())
     consumer.ack(first)
     assert nothing_delivered(consumer)
-    first.end_recorded.set_result(None)
+    recorded.set_result(None)
     second = wait_for(lambda: next(consumer), 5, "the second delivery")
     consumer.ack(second)
     consumer.close()
