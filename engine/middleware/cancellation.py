@@ -47,6 +47,7 @@ from loguru import logger
 from pika.adapters.blocking_connection import BlockingChannel
 from sqlalchemy.exc import SQLAlchemyError
 
+from ..backoff import Backoff
 from ..errors import JobCanceled
 from ..store import Store
 from .tracking import current_attempt
@@ -432,14 +433,13 @@ class _Exchange(_Channel):
             self._thread = None
 
     def _consume(self, on_request: Callable[[str], object]) -> None:
-        pause = RECONNECT_MIN_PAUSE_S
+        backoff = Backoff(RECONNECT_MIN_PAUSE_S, RECONNECT_MAX_PAUSE_S)
         while not self._closing.is_set():
             try:
                 connection = pika.BlockingConnection(self._parameters(f"cancel listener {os.getpid()}"))
             except (pika.exceptions.AMQPError, OSError) as error:
-                logger.warning("Cannot reach RabbitMQ for cancel requests ({!r}); retrying in {:.1f} s.", error, pause)
-                self._closing.wait(pause)
-                pause = min(pause * 2, RECONNECT_MAX_PAUSE_S)
+                logger.warning("Cannot reach RabbitMQ for cancel requests ({!r}); retrying in {:.1f} s.", error, backoff.next_s)
+                backoff.pause(self._closing)
                 continue
             try:
                 channel = connection.channel()
@@ -451,15 +451,14 @@ class _Exchange(_Channel):
                 queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
                 channel.queue_bind(queue, EXCHANGE)
                 channel.basic_consume(queue, lambda _ch, _method, _props, body: _deliver(on_request, body), auto_ack=True)
-                pause = RECONNECT_MIN_PAUSE_S
+                backoff.reset()
                 channel.start_consuming()
             except (pika.exceptions.AMQPError, OSError) as error:
                 if not self._closing.is_set():
                     logger.warning(
                         "Lost RabbitMQ for cancel requests ({!r}); the store check stands in until it is back.", error
                     )
-                    self._closing.wait(pause)
-                    pause = min(pause * 2, RECONNECT_MAX_PAUSE_S)
+                    backoff.pause(self._closing)
             finally:
                 with self._lock:
                     self._consuming = None
