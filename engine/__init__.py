@@ -5,7 +5,7 @@ them back with `engine.get`, `engine.result`, `engine.attempts` and `engine.jobs
 with `engine.cancel`.
 """
 
-from .broker import actor, get_broker, get_store
+from .app import actor, get_broker, get_store
 from .client import (
     CancelOutcome,
     CancelResult,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from .broker import get_broker
+from .app import get_broker
 from .settings import get_settings
 
 BUILTIN_ACTOR_MODULES = ("actors.import_csv", "actors.generate_report", "actors.purge_jobs", "actors.process_image")

@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 
 from dramatiq.errors import ActorNotFound
 
-from .broker import MAX_PRIORITY, get_broker, get_store
+from .app import MAX_PRIORITY, get_broker, get_store
 from .errors import DuplicateJob, EngineError, ResultNotReady, UnknownActor
 from .job import Attempt, Job, JobState
 from .middleware.cancellation import Cancellation

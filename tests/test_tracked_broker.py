@@ -9,7 +9,7 @@ from dramatiq import Worker
 from dramatiq.brokers.stub import StubBroker
 
 from engine import JobState
-from engine.broker import build_middleware
+from engine.app import build_middleware
 from engine.brokers import RabbitmqBroker, SQLiteBroker
 from engine.tracked_broker import TrackedBroker, collecting_row_writes, row_writes_collected, sending_now, sends_now
 from engine.writer import Pending

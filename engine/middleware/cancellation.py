@@ -111,7 +111,7 @@ def cancel_requested() -> bool:
 class Cancellation(Middleware):
     """Interrupts running jobs whose cancel was requested, on whichever worker runs them.
 
-    It comes before Tracking (in `engine.broker.build_middleware`): a job is registered here
+    It comes before Tracking (in `engine.app.build_middleware`): a job is registered here
     before Tracking's start makes it `running`, so that no request is pushed while the job is
     `running` but unknown to its process; a request committed before the start is read by the
     start itself (`AttemptStart.cancel_requested`). Each actor's function is wrapped

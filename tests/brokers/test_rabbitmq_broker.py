@@ -25,9 +25,9 @@ from dramatiq.errors import ConnectionClosed
 from pika.adapters.blocking_connection import BlockingChannel
 
 import engine
-import engine.broker
+import engine.app
 from engine import BrokerUnavailable, JobsNotSent, JobState
-from engine.broker import build_broker
+from engine.app import build_broker
 from engine.brokers import RabbitmqBroker
 from engine.brokers.rabbitmq import consumer as rabbitmq_consumer
 from engine.brokers.rabbitmq.connection import SOCKET_TIMEOUT_S
@@ -79,7 +79,7 @@ def brokers(amqp_url) -> Iterator[Callable[..., RabbitmqBroker]]:
     def make(**options) -> RabbitmqBroker:
         options.setdefault("url", amqp_url)
         options.setdefault("middleware", [])
-        options.setdefault("max_priority", engine.broker.MAX_PRIORITY)
+        options.setdefault("max_priority", engine.app.MAX_PRIORITY)
         broker = RabbitmqBroker(**options)
         made.append(broker)
         return broker
@@ -418,7 +418,7 @@ def test_engine_submit_fails_fast_when_rabbitmq_is_down(tmp_path, down_url, monk
     for name, value in {"ENGINE_BROKER_URL": down_url, "ENGINE_STORE_URL": f"sqlite:///{tmp_path}/engine.db"}.items():
         monkeypatch.setenv(name, value)
     engine.settings.get_settings.cache_clear()
-    engine.broker._broker = None
+    engine.app._broker = None
     try:
         engine.actor(lambda: None, actor_name="noop")
         started = time.monotonic()
@@ -432,7 +432,7 @@ def test_engine_submit_fails_fast_when_rabbitmq_is_down(tmp_path, down_url, monk
             engine.submit("noop", idempotency_key="once")
     finally:
         engine.get_broker().close()
-        engine.broker._broker = None
+        engine.app._broker = None
         engine.settings.get_settings.cache_clear()
         dramatiq.set_broker(None)
 
@@ -744,7 +744,7 @@ def test_quorum_queues_hold_long_delays_too(brokers, workers, amqp_vhost, queue)
 SEND_AND_CLOSE = """
 import sys, time
 import dramatiq
-from engine.broker import build_broker
+from engine.app import build_broker
 from engine.settings import Settings
 
 broker = build_broker(Settings(store_url=sys.argv[1], broker_url=sys.argv[2]))

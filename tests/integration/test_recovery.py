@@ -104,7 +104,7 @@ from tests.support import actors
 Publisher.__call__ = lambda self, batch: signal.pause()
 print(actors.echo.send("lost").message_id)
 print(actors.echo.send_with_options(args=("late",), delay=300).message_id, flush=True)
-engine.broker.get_store().writer.flush()
+engine.app.get_store().writer.flush()
 os.kill(os.getpid(), signal.SIGKILL)
 """
 

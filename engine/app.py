@@ -1,4 +1,4 @@
-"""The broker the engine runs on, built from settings, with the engine's middleware.
+"""The process's broker and store, built once from settings, with the engine's middleware.
 
 `get_broker()` builds it once per process and makes it Dramatiq's global broker, so actors
 declared with `engine.actor` (or plain ``dramatiq.actor`` after it) and ``dramatiq
