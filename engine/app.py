@@ -62,7 +62,7 @@ def build_middleware(settings: Settings, store: Store) -> list[Middleware]:
         CurrentMessage(),
         heartbeat,
         resend,
-        Cancellation(store, broker_url=settings.broker_url, check_interval=settings.cancel_check_interval_s),
+        Cancellation(store, broker_url=settings.broker_url, check_interval_s=settings.cancel_check_interval_s),
         tracking,
         AgeLimit(),
         TimeLimit(time_limit=settings.time_limit_ms),

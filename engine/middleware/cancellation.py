@@ -14,7 +14,7 @@ The path of a cancel request:
   blocked in C or in a system call (a socket read, ``time.sleep``) stops as soon as it returns
   to Python. `engine.cancel_requested` lets an actor check at points of its choosing.
 - A process that missed the push (cut off from RabbitMQ, say) finds the request in the store:
-  every `check_interval` seconds it asks about the jobs it runs, in one query (none when idle).
+  every `check_interval_s` seconds it asks about the jobs it runs, in one query (none when idle).
 
 The interrupt is raised only while the thread runs the job's own code: each actor's function
 is wrapped when it is declared, and arming the thread on entry, raising into it and disarming it
@@ -123,14 +123,14 @@ class Cancellation(Middleware):
       broker_url(str): the amqp:// URL of RabbitMQ, whose fanout exchange `EXCHANGE` carries
         requests to workers; None on the embedded broker, where they go through Unix sockets
         in ``<database>.cancel/``.
-      check_interval(float): how often, in seconds, a worker looks in the store for requests
+      check_interval_s(float): how often, in seconds, a worker looks in the store for requests
         on the jobs it runs, in case it missed their push. A thread whose job does not stop is
         interrupted again this often.
     """
 
-    def __init__(self, store: Store, *, broker_url: Optional[str] = None, check_interval: float = 1.0) -> None:
+    def __init__(self, store: Store, *, broker_url: Optional[str] = None, check_interval_s: float = 1.0) -> None:
         self.store = store
-        self.check_interval = check_interval
+        self.check_interval_s = check_interval_s
         self.channel: Optional[_Channel] = _channel_for(store, broker_url)
         self._running: dict[int, _RunningJob] = {}  # by the id of the thread running it
         self._lock = threading.Lock()
@@ -143,7 +143,7 @@ class Cancellation(Middleware):
         """Tell every worker process that the job's cancel was requested.
 
         Call it after the request is committed to the store. If the push fails, the workers
-        still find the request in the store within `check_interval` seconds.
+        still find the request in the store within `check_interval_s` seconds.
         """
         if self.channel is None:
             return
@@ -154,7 +154,7 @@ class Cancellation(Middleware):
                 "Could not push the cancel of job {} to the workers ({!r}); they will find it in the store within {} s.",
                 job_id,
                 error,
-                self.check_interval,
+                self.check_interval_s,
             )
 
     # -- the worker side -------------------------------------------------------------------------
@@ -199,7 +199,7 @@ class Cancellation(Middleware):
         """Raise `JobCanceled` in the thread of this process that runs the job, if one does.
 
         Called with each pushed request and each one found in the store. A thread is
-        interrupted at most once per `check_interval`, so that a job's cleanup code has that
+        interrupted at most once per `check_interval_s`, so that a job's cleanup code has that
         long to run; one whose job goes on running (it swallowed the exception) is interrupted
         again.
 
@@ -216,7 +216,7 @@ class Cancellation(Middleware):
                 found = running.requested = True
                 if not running.armed:
                     continue  # not in the job's code (yet): entering it raises JobCanceled
-                if running.interrupted_at is None or now - running.interrupted_at >= self.check_interval:
+                if running.interrupted_at is None or now - running.interrupted_at >= self.check_interval_s:
                     running.interrupted_at = now
                     raise_thread_exception(thread_id, JobCanceled)
                     interrupted.append(thread_id)
@@ -269,8 +269,8 @@ class Cancellation(Middleware):
                     _withdraw_thread_exception(thread_id)
 
     def _check_store(self) -> None:
-        """Every `check_interval`, interrupt the jobs of this process whose cancel is in the store."""
-        while not self._stopping.wait(self.check_interval):
+        """Every `check_interval_s`, interrupt the jobs of this process whose cancel is in the store."""
+        while not self._stopping.wait(self.check_interval_s):
             with self._lock:
                 job_ids = [running.job_id for running in self._running.values()]
             if not job_ids:
