@@ -1,7 +1,8 @@
 """`purge_jobs`: retention for the job store.
 
 Every job and attempt is kept until something deletes it, so without this job the store grows
-forever. Schedule it daily; it deletes in batches of one transaction each so that workers
+forever. The engine schedules it daily (schedule `purge-jobs`, ``ENGINE_RETENTION_DAYS``); it
+also trims the schedules' fire ledger to the same age; it deletes in batches of one transaction each so that workers
 recording jobs at the same time never wait long on its locks.
 """
 
@@ -14,6 +15,7 @@ from typing import Any
 
 import engine
 from engine import PermanentError
+from scheduler.ledger import Ledger
 
 
 @engine.actor(max_retries=3, time_limit=60 * 60_000)
@@ -47,6 +49,7 @@ def purge_jobs(older_than_days: float = 30, batch_size: int = 1000) -> dict[str,
         engine.progress(100 * purged / max(due, purged), f"{purged} jobs purged")
 
     purged = store.purge_finished(older_than=cutoff, batch_size=batch_size, on_batch=report)
+    Ledger(store).purge_fires(older_than=cutoff)
     engine.progress(100, f"{purged} jobs purged")
     return {"purged": purged, "older_than": datetime.fromtimestamp(cutoff, timezone.utc).isoformat()}
 

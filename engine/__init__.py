@@ -2,7 +2,8 @@
 
 Declare jobs with `engine.actor`, send them with ``actor.send()`` or `engine.submit`, and read
 them back with `engine.get`, `engine.result`, `engine.attempts` and `engine.jobs`; stop them
-with `engine.cancel`.
+with `engine.cancel`. Cron schedules are defined with `engine.set_schedule` and read back with
+`engine.list_schedules`, `engine.get_schedule` and `engine.schedule_fires`.
 """
 
 from .app import actor, get_broker, get_store
@@ -40,6 +41,24 @@ from .errors import (
 from .job import Attempt, Job, JobState, Outcome
 from .middleware.cancellation import cancel_requested
 from .progress import progress
+from .schedules import (
+    Fire,
+    FireOutcome,
+    InvalidSchedule,
+    Misfire,
+    Schedule,
+    ScheduleInfo,
+    ScheduleNotFound,
+    delete_schedule,
+    get_schedule,
+    list_schedules,
+    pause_schedule,
+    preview_schedule,
+    resume_schedule,
+    run_schedule,
+    schedule_fires,
+    set_schedule,
+)
 
 __all__ = [
     # Declaring and sending jobs
@@ -65,6 +84,21 @@ __all__ = [
     "JobState",
     "Outcome",
     "Page",
+    # Cron schedules
+    "set_schedule",
+    "get_schedule",
+    "list_schedules",
+    "delete_schedule",
+    "pause_schedule",
+    "resume_schedule",
+    "run_schedule",
+    "preview_schedule",
+    "schedule_fires",
+    "Schedule",
+    "ScheduleInfo",
+    "Fire",
+    "FireOutcome",
+    "Misfire",
     # Plumbing
     "get_broker",
     "get_store",
@@ -82,4 +116,6 @@ __all__ = [
     "TrackingError",
     "BrokerUnavailable",
     "JobsNotSent",
+    "InvalidSchedule",
+    "ScheduleNotFound",
 ]

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -52,11 +52,13 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The engine on one machine: supervised workers on the settings' store and broker."""
-    return worker(args)
+    """The engine on one machine: a scheduler and supervised workers on the settings' store and broker."""
+    from .supervisor import SCHEDULER
+
+    return worker(args, others=[SCHEDULER])
 
 
-def worker(args: argparse.Namespace) -> int:
+def worker(args: argparse.Namespace, others: Sequence[tuple[str, list[str]]] = ()) -> int:
     """Supervised worker processes; a dead one is restarted while the others keep working."""
     from .logging import setup_logging
     from .supervisor import run_workers
@@ -68,6 +70,7 @@ def worker(args: argparse.Namespace) -> int:
         processes=args.processes or settings.worker_processes,
         threads=args.threads or settings.worker_threads,
         queues=args.queues,
+        others=others,
     )
 
 
@@ -125,6 +128,8 @@ def status(args: argparse.Namespace) -> int:
         return 0
     console.print(f"[bold]{job.id}[/bold]  {job.actor}  {_styled(job.state)}")
     console.print(f"  created {job.to_dict()['created_at']}  attempts {job.attempts}")
+    if job.schedule is not None:
+        console.print(f"  schedule {job.schedule}  fire time {job.to_dict()['fire_time'] or 'none (run now)'}")
     if job.progress_percent is not None:
         console.print(f"  progress {job.progress_percent:.0f}% {job.progress_message or ''}")
     if job.last_error:
@@ -170,7 +175,7 @@ def jobs(args: argparse.Namespace) -> int:
     """The newest jobs, filtered by state and actor."""
     from .client import jobs as list_jobs
 
-    page = list_jobs(status=args.status, actor=args.actor, limit=args.limit, cursor=args.cursor)
+    page = list_jobs(status=args.status, actor=args.actor, schedule=args.schedule, limit=args.limit, cursor=args.cursor)
     if args.json:
         _print_json({"jobs": [job.to_dict() for job in page.jobs], "next_cursor": page.next_cursor})
         return 0
@@ -279,6 +284,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = command("jobs", jobs)
     sub.add_argument("--status", choices=list(JobState))
     sub.add_argument("--actor")
+    sub.add_argument("--schedule", help="only the jobs of this cron schedule")
     sub.add_argument("--limit", type=int, default=20)
     sub.add_argument("--cursor")
     sub.add_argument("--json", action="store_true")
@@ -288,6 +294,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = command("cancel", cancel)
     sub.add_argument("id")
     sub.add_argument("--json", action="store_true")
+
+    from scheduler.commands import add_commands
+
+    add_commands(command)
     return parser
 
 

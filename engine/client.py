@@ -108,10 +108,12 @@ def jobs(
     *,
     status: Union[JobState, str, None] = None,
     actor: Optional[str] = None,
+    schedule: Optional[str] = None,
     limit: int = 50,
     cursor: Optional[str] = None,
 ) -> Page:
-    """Jobs newest first, filtered by state and actor, a page at a time.
+    """Jobs newest first, filtered by state, actor and the schedule that created them, a page
+    at a time.
 
     Raises:
       EngineError: an unknown status, a limit outside 1..1000 or a malformed cursor.
@@ -123,7 +125,9 @@ def jobs(
     except ValueError:
         raise EngineError(f"unknown status {status!r}; one of: {', '.join(JobState)}") from None
     _read_own_sends()
-    page, next_cursor = get_store().list_jobs(state=state, actor=actor, limit=limit, cursor=cursor)
+    page, next_cursor = get_store().list_jobs(
+        state=state, actor=actor, schedule=schedule, limit=limit, cursor=cursor
+    )
     return Page(page, next_cursor)
 
 

@@ -92,6 +92,8 @@ class Job:
     scheduled_for: Optional[float]
     started_at: Optional[float]
     finished_at: Optional[float]
+    schedule: Optional[str] = None  # the cron schedule that created it
+    fire_time: Optional[float] = None  # the schedule's fire time it is for (not when it was sent)
 
     def message(self, options: dict[str, Any]) -> Message:
         """The message that runs this job (its id is the job's), sent with `options`: how the
@@ -108,7 +110,7 @@ class Job:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view, timestamps in ISO 8601."""
         data = asdict(self)
-        for name in ("created_at", "scheduled_for", "started_at", "finished_at"):
+        for name in ("created_at", "scheduled_for", "started_at", "finished_at", "fire_time"):
             data[name] = _iso(data[name])
         data["progress"] = {"percent": data.pop("progress_percent"), "message": data.pop("progress_message")}
         return data

@@ -17,7 +17,18 @@ from typing import Callable
 from loguru import logger
 from sqlalchemy import Connection, inspect, select, text
 
-from .schema import claim_order, idempotency_keys, jobs, metadata, schema_version, workers
+from .schema import (
+    claim_order,
+    idempotency_keys,
+    jobs,
+    metadata,
+    schedule_fires,
+    schedule_jobs,
+    schedule_versions,
+    schedules,
+    schema_version,
+    workers,
+)
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,16 @@ def _move_open_attempts_to_jobs(connection: Connection) -> None:
     ))
 
 
+def _add_schedules(connection: Connection) -> None:
+    """Cron schedules, their fire ledger and change counter, and each job's schedule and fire time."""
+    connection.execute(text("ALTER TABLE jobs ADD COLUMN schedule VARCHAR(100)"))
+    connection.execute(text("ALTER TABLE jobs ADD COLUMN fire_time FLOAT"))
+    schedule_jobs.create(connection)
+    for table in (schedules, schedule_fires, schedule_versions):
+        table.create(connection)
+    connection.execute(schedule_versions.insert().values(version=0))
+
+
 #: Migrations from older schemas, oldest first. Version 1 is the first released schema.
 MIGRATIONS: list[Migration] = [
     Migration(2, "worker heartbeats and durable cancel requests", _add_liveness_and_cancellation),
@@ -74,6 +95,7 @@ MIGRATIONS: list[Migration] = [
     Migration(4, "a token per attempt start", _add_start_token),
     Migration(5, "lighter job indexes", _lighten_job_indexes),
     Migration(6, "an attempt's row written once, when it ends", _move_open_attempts_to_jobs),
+    Migration(7, "cron schedules and their fire ledger", _add_schedules),
 ]
 
 LATEST = MIGRATIONS[-1].version if MIGRATIONS else 1
@@ -92,6 +114,7 @@ def upgrade(connection: Connection) -> int:
     if not inspect(connection).has_table(schema_version.name):
         metadata.create_all(connection)
         connection.execute(schema_version.insert().values(version=LATEST))
+        connection.execute(schedule_versions.insert().values(version=0))
         logger.info("Created the job store at schema version {}.", LATEST)
         return 0
     current = connection.execute(select(schema_version.c.version)).scalar_one()

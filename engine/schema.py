@@ -10,6 +10,9 @@
 - workers: one row per worker process, with its heartbeat: how a job whose worker died is told
   from one whose worker is merely slow.
 - messages: the embedded broker's queue; unused when RabbitMQ is the broker.
+- schedules, schedule_fires, schedule_versions: cron schedules, the ledger of their fires
+  (one row per schedule and fire time: the unique key that makes a fire happen once, however
+  many schedulers run) and the counter schedulers poll to learn of changes (see `scheduler`).
 - schema_version: the migration level (see `engine.migrations`).
 
 Timestamps are float seconds since the epoch: portable between SQLite and PostgreSQL, ordered,
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Float,
     ForeignKey,
@@ -68,6 +72,9 @@ jobs = Table(
     Column("attempt_pid", Integer),
     Column("attempt_worker_id", String(64)),
     Column("attempt_token", Float),
+    # The cron schedule that created the job, and the fire time it is for (see `scheduler`).
+    Column("schedule", String(100)),
+    Column("fire_time", Float),
     # Newest-first listing, whole or filtered, with keyset pagination on (created_at, id).
     Index("ix_jobs_created", "created_at", "id"),
     Index("ix_jobs_state_created", "state", "created_at", "id"),
@@ -85,6 +92,16 @@ idempotency_keys = Index(
     unique=True,
     postgresql_where=jobs.c.idempotency_key.isnot(None),
     sqlite_where=jobs.c.idempotency_key.isnot(None),
+)
+
+#: `engine.jobs(schedule=NAME)`, newest first. Only the jobs of schedules are in it.
+schedule_jobs = Index(
+    "ix_jobs_schedule_created",
+    jobs.c.schedule,
+    jobs.c.created_at,
+    jobs.c.id,
+    postgresql_where=jobs.c.schedule.isnot(None),
+    sqlite_where=jobs.c.schedule.isnot(None),
 )
 
 attempts = Table(
@@ -142,6 +159,50 @@ messages = Table(
 #: under the write lock (11 ms with 20,000 queued).
 claim_order = Index(
     "ix_messages_claim", messages.c.queue, messages.c.dead_at, messages.c.priority.desc(), messages.c.eta, messages.c.id
+)
+
+schedules = Table(
+    "schedules",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("actor", String(200), nullable=False),
+    Column("cron", String(200), nullable=False),
+    Column("args", Text, nullable=False),  # JSON
+    Column("kwargs", Text, nullable=False),  # JSON
+    Column("timezone", String(64), nullable=False),
+    Column("enabled", Boolean, nullable=False),
+    Column("misfire", String(8), nullable=False),
+    Column("misfire_grace_s", Float, nullable=False),
+    Column("overlap", Boolean, nullable=False),
+    Column("queue", String(200)),
+    Column("priority", Integer),
+    Column("origin", String(16), nullable=False),  # `api`, `file` or `builtin`: who owns it
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    # Fires before this are not due: set at creation, at resume and when the timing changes,
+    # so that a paused or retimed schedule does not count its old fire times as missed.
+    Column("active_since", Float, nullable=False),
+)
+
+schedule_fires = Table(
+    "schedule_fires",
+    metadata,
+    Column("id", _AutoId, primary_key=True, autoincrement=True),
+    Column("schedule", String(100), nullable=False),
+    Column("fire_time", Float, nullable=False),  # the cron time, seconds since the epoch
+    Column("outcome", String(32), nullable=False),  # `scheduler.ledger.FireOutcome`
+    Column("job_id", String(64)),  # the job it created, for `enqueued`
+    Column("recorded_at", Float, nullable=False),
+    Column("scheduler", String(255), nullable=False),  # host:pid of the scheduler that recorded it
+    # The claim: one row per schedule and fire time, whichever scheduler inserts it first.
+    UniqueConstraint("schedule", "fire_time", name="uq_schedule_fires_schedule_time"),
+)
+
+#: One row: bumped in the transaction of every change of `schedules`, polled by schedulers.
+schedule_versions = Table(
+    "schedule_versions",
+    metadata,
+    Column("version", BigInteger, nullable=False),
 )
 
 schema_version = Table(

@@ -37,7 +37,10 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8080, ge=1, le=65535)
     api_token: Optional[SecretStr] = None
     actor_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    schedules_file: Optional[Path] = None
+    schedules_file: Optional[Path] = Field(default=None, description="TOML file of cron schedules, applied at start")
+    retention_days: float = Field(
+        default=30, ge=0, description="finished jobs older than this are purged daily (schedule purge-jobs); 0: never"
+    )
     output_dir: Path = Field(
         default=Path("engine-output"), description="where built-in actors write reports and thumbnails"
     )

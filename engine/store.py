@@ -930,6 +930,7 @@ class Store:
         *,
         state: Optional[JobState] = None,
         actor: Optional[str] = None,
+        schedule: Optional[str] = None,
         limit: int = 50,
         cursor: Optional[str] = None,
         created_since: Optional[float] = None,
@@ -940,6 +941,8 @@ class Store:
             query = query.where(jobs.c.state == state)
         if actor is not None:
             query = query.where(jobs.c.actor == actor)
+        if schedule is not None:
+            query = query.where(jobs.c.schedule == schedule)
         if created_since is not None:
             query = query.where(jobs.c.created_at >= created_since)
         if cursor is not None:
@@ -1162,6 +1165,8 @@ def _job(row: Any) -> Job:
         scheduled_for=row.scheduled_for,
         started_at=row.started_at,
         finished_at=row.finished_at,
+        schedule=row.schedule,
+        fire_time=row.fire_time,
     )
 
 

@@ -29,7 +29,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 from loguru import logger
 from sqlalchemy.exc import SQLAlchemyError
@@ -66,7 +66,19 @@ def cpus_to_pin(mode: str, processes: int) -> Optional[list[int]]:
     return cpus
 
 
-def run_workers(settings: Settings, *, processes: int, threads: int, queues: Optional[list[str]] = None) -> int:
+#: The other kinds of process `engine run` supervises beside the workers, by name: each is
+#: started with ``--parent-pid`` and restarted like a dead worker.
+SCHEDULER = ("scheduler", [sys.executable, "-m", "scheduler"])
+
+
+def run_workers(
+    settings: Settings,
+    *,
+    processes: int,
+    threads: int,
+    queues: Optional[list[str]] = None,
+    others: Sequence[tuple[str, list[str]]] = (),
+) -> int:
     """Run worker processes until SIGTERM or SIGINT; see `Supervisor`.
 
     Must be called from the main thread. It blocks until the workers have stopped.
@@ -77,19 +89,22 @@ def run_workers(settings: Settings, *, processes: int, threads: int, queues: Opt
       processes(int): how many worker processes to keep running.
       threads(int): worker threads per process.
       queues(list[str]): the queues to consume; all declared queues when None.
+      others: more processes to supervise, each a (kind, command) such as `SCHEDULER`.
 
     Returns:
       int: 0 after a stop by signal, `EXIT_CONFIG` when a worker could not start as configured.
     """
-    return Supervisor(settings, processes=processes, threads=threads, queues=queues).run()
+    return Supervisor(settings, processes=processes, threads=threads, queues=queues, others=others).run()
 
 
 @dataclass
 class Slot:
-    """The place of one worker process: the process in it now, and when to start the next.
+    """The place of one supervised process: the process in it now, and when to start the next.
 
     Attributes:
-      index(int): the slot's number, 0 to processes - 1, as logged.
+      index(int): the slot's number among those of its kind, as logged.
+      kind(str): ``worker``, or another kind (`SCHEDULER`).
+      command(list[str]): how its process is started (``--parent-pid`` is added).
       process(Popen): the worker running in it; None while waiting for a restart.
       started_at(float): when `process` was started (monotonic).
       start_at(float): when to start the next worker (monotonic); None while one runs.
@@ -97,6 +112,8 @@ class Slot:
     """
 
     index: int
+    kind: str
+    command: list[str]
     process: Optional[subprocess.Popen[bytes]] = None
     started_at: float = 0.0
     start_at: Optional[float] = 0.0
@@ -104,7 +121,7 @@ class Slot:
 
 
 class Supervisor:
-    """Keeps `processes` worker processes running until it is stopped.
+    """Keeps `processes` worker processes, and the `others`, running until it is stopped.
 
     Parameters:
       settings(Settings): gives ``shutdown_timeout_s``, how long stopping workers may take
@@ -112,18 +129,26 @@ class Supervisor:
       processes(int): how many worker processes to keep running.
       threads(int): worker threads per process.
       queues(list[str]): the queues to consume; all declared queues when None.
+      others: more processes, each a (kind, command), supervised the same way.
     """
 
     def __init__(
-        self, settings: Settings, *, processes: int, threads: int, queues: Optional[list[str]] = None
+        self,
+        settings: Settings,
+        *,
+        processes: int,
+        threads: int,
+        queues: Optional[list[str]] = None,
+        others: Sequence[tuple[str, list[str]]] = (),
     ) -> None:
         if processes < 1 or threads < 1:
             raise ValueError(f"processes and threads must be at least 1, got {processes} and {threads}")
         self.settings = settings
-        self.command = [sys.executable, "-m", "engine.worker", "--threads", str(threads)]
+        command = [sys.executable, "-m", "engine.worker", "--threads", str(threads)]
         if queues:
-            self.command += ["--queues", ",".join(queues)]
-        self.slots = [Slot(index) for index in range(processes)]
+            command += ["--queues", ",".join(queues)]
+        self.slots = [Slot(index, "worker", command) for index in range(processes)]
+        self.slots += [Slot(0, kind, other) for kind, other in others]
         self.cpus = cpus_to_pin(settings.pin_cpus, processes)
         self.store = Store(settings.store_url)
         self.host = socket.gethostname()
@@ -168,14 +193,14 @@ class Supervisor:
                 self._start(slot)
 
     def _start(self, slot: Slot) -> None:
-        command = [*self.command, "--parent-pid", str(os.getpid())]
-        if self.cpus:
+        command = [*slot.command, "--parent-pid", str(os.getpid())]
+        if self.cpus and slot.kind == "worker":
             command += ["--cpu", str(self.cpus[slot.index % len(self.cpus)])]
         restarted = slot.started_at > 0
         slot.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
         slot.started_at, slot.start_at = time.monotonic(), None
         verb = "Restarted" if restarted else "Started"
-        logger.info("{} worker {} (pid {}).", verb, slot.index, slot.process.pid)
+        logger.info("{} {} {} (pid {}).", verb, slot.kind, slot.index, slot.process.pid)
 
     def _time_to_next_start(self) -> Optional[float]:
         pending = [slot.start_at for slot in self.slots if slot.start_at is not None]
@@ -192,11 +217,11 @@ class Supervisor:
             uptime = time.monotonic() - slot.started_at
             level = "INFO" if self.stop_requests and code == 0 else "WARNING"
             how = _describe_exit(code)
-            logger.log(level, "Worker {} (pid {}) {} after {:.1f} s.", slot.index, process.pid, how, uptime)
+            logger.log(level, "{} {} (pid {}) {} after {:.1f} s.", slot.kind.capitalize(), slot.index, process.pid, how, uptime)
             slot.process = None
             self._record_death(process.pid)
             if code == EXIT_CONFIG:
-                logger.error("Worker {} cannot start as configured; stopping the others.", slot.index)
+                logger.error("{} {} cannot start as configured; stopping the others.", slot.kind.capitalize(), slot.index)
                 self.exit_code = EXIT_CONFIG
             elif not self.stop_requests and not self.exit_code:
                 self._schedule_restart(slot, uptime)
@@ -214,7 +239,8 @@ class Supervisor:
         else:
             slot.restart_delay = min(max(2 * slot.restart_delay, MIN_RESTART_DELAY_S), MAX_RESTART_DELAY_S)
             logger.warning(
-                "Worker {} crashed {:.1f} s after it started; restarting it in {:.1f} s.",
+                "{} {} crashed {:.1f} s after it started; restarting it in {:.1f} s.",
+                slot.kind.capitalize(),
                 slot.index,
                 uptime,
                 slot.restart_delay,
@@ -240,7 +266,7 @@ class Supervisor:
     def _kill_workers(self) -> None:
         """SIGKILL the workers still running, and wait for them."""
         for slot, process in self._running():
-            logger.warning("Worker {} (pid {}) is still running; killing it.", slot.index, process.pid)
+            logger.warning("{} {} (pid {}) is still running; killing it.", slot.kind.capitalize(), slot.index, process.pid)
             process.kill()
             process.wait()
         self._reap()

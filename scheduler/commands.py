@@ -1,0 +1,158 @@
+"""The ``engine scheduler`` and ``engine schedules`` commands (added to `engine.cli`'s parser)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def scheduler(args: argparse.Namespace) -> int:
+    """Run a scheduler: fire the store's cron schedules (run any number, on any hosts)."""
+    from .__main__ import main
+
+    return main([])
+
+
+def schedules(args: argparse.Namespace) -> int:
+    """List the cron schedules, each with its last and next fire."""
+    import engine
+
+    listed = engine.list_schedules()
+    if args.json:
+        return _print_json([each.to_dict() for each in listed])
+    table = Table("name", "actor", "cron", "zone", "state", "last fire", "next fire")
+    for each in listed:
+        last = each.last_fire
+        table.add_row(
+            each.schedule.name, each.schedule.actor, each.schedule.cron, each.schedule.timezone,
+            "enabled" if each.schedule.enabled else "[yellow]paused[/]",
+            f"{_local(last.fire_time, each.schedule.timezone)} {last.outcome}" if last else "",
+            each.next_fire_time.isoformat(sep=" ") if each.next_fire_time else "",
+        )  # fmt: skip
+    console.print(table)
+    return 0
+
+
+def show(args: argparse.Namespace) -> int:
+    """A schedule, its next fire times and its recent fires."""
+    import engine
+
+    info = engine.get_schedule(args.name)
+    fires = engine.schedule_fires(args.name, limit=args.fires)
+    upcoming = engine.preview_schedule(args.name, args.next) if info.schedule.enabled else []
+    if args.json:
+        return _print_json(
+            {**info.to_dict(), "next_fire_times": [each.isoformat() for each in upcoming], "fires": [fire.to_dict() for fire in fires]}
+        )
+    definition = info.schedule.model_dump(mode="json")
+    console.print(f"[bold]{info.schedule.name}[/bold]  ({info.origin})", highlight=False)
+    for name, value in definition.items():
+        if name != "name":
+            console.print(f"  {name}: {json.dumps(value) if isinstance(value, (list, dict)) else value}", highlight=False)
+    console.print("  next: " + (", ".join(each.isoformat(sep=" ") for each in upcoming) or "paused"), highlight=False)
+    table = Table("fire time", "outcome", "job", "recorded", "by")
+    for fire in fires:
+        table.add_row(
+            _local(fire.fire_time, info.schedule.timezone), fire.outcome, fire.job_id or "",
+            f"+{fire.recorded_at - fire.fire_time:.3f} s", fire.scheduler,
+        )  # fmt: skip
+    console.print(table)
+    return 0
+
+
+def add(args: argparse.Namespace) -> int:
+    """Create or replace a schedule: `engine schedules add NAME ACTOR "CRON" --kwarg k=v ...`."""
+    import engine.actors  # noqa: F401  (registers every actor, so the name can be checked)
+    from engine import set_schedule
+
+    from engine.cli import _json_or_text, _keyword
+
+    fields: dict[str, Any] = {
+        "args": [_json_or_text(value) for value in args.args],
+        "kwargs": dict(_keyword(item) for item in args.kwarg),
+        "timezone": args.timezone,
+        "misfire": args.misfire,
+        "overlap": not args.no_overlap,
+        "enabled": not args.paused,
+    }
+    for name in ("misfire_grace_s", "queue", "priority"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    info = set_schedule(args.name, args.actor, args.cron, **fields)
+    console.print(f"{info.schedule.name}: next fire {info.next_fire_time.isoformat(sep=' ') if info.next_fire_time else 'none (paused)'}")
+    return 0
+
+
+def _by_name(action: Callable[[str], Any], done: str) -> Callable[[argparse.Namespace], int]:
+    def command(args: argparse.Namespace) -> int:
+        if action.__name__ == "run_schedule":
+            import engine.actors  # noqa: F401  (the broker must know the actor to send it)
+        result = action(args.name)
+        detail = f" (job {result.id})" if getattr(result, "id", None) else ""
+        console.print(f"{args.name}: {done}{detail}", highlight=False)
+        return 0
+
+    command.__doc__ = f"{done.capitalize()} a schedule."
+    return command
+
+
+def add_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """Add ``scheduler`` and ``schedules`` to the ``engine`` parser (`command` adds a command)."""
+    import engine
+
+    command("scheduler", scheduler)
+    group = command("schedules", schedules)
+    group.add_argument("--json", action="store_true")
+    actions = group.add_subparsers(title="actions", metavar="ACTION")
+
+    def action(name: str, handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=(handler.__doc__ or "").splitlines()[0], description=handler.__doc__)
+        sub.set_defaults(command=handler)
+        return sub
+
+    sub = action("show", show)
+    sub.add_argument("name")
+    sub.add_argument("--fires", type=int, default=20, help="how many recent fires to show")
+    sub.add_argument("--next", type=int, default=5, help="how many next fire times to show")
+    sub.add_argument("--json", action="store_true")
+
+    sub = action("add", add)
+    sub.add_argument("name")
+    sub.add_argument("actor")
+    sub.add_argument("cron", help='5 fields, or 6 with seconds first, quoted: "0 3 * * *"')
+    sub.add_argument("args", nargs="*", help="positional arguments (JSON, or plain text)")
+    sub.add_argument("--kwarg", "-k", action="append", default=[], metavar="NAME=VALUE")
+    sub.add_argument("--timezone", default="UTC", help="IANA zone (default UTC)")
+    sub.add_argument("--misfire", choices=["once", "skip"], default="once")
+    sub.add_argument("--misfire-grace-s", type=float)
+    sub.add_argument("--no-overlap", action="store_true", help="skip a fire while the previous job is unfinished")
+    sub.add_argument("--queue")
+    sub.add_argument("--priority", type=int)
+    sub.add_argument("--paused", action="store_true", help="create it paused")
+
+    for name, function, done in (
+        ("pause", engine.pause_schedule, "paused"),
+        ("resume", engine.resume_schedule, "resumed"),
+        ("run", engine.run_schedule, "job created now"),
+        ("delete", engine.delete_schedule, "deleted"),
+    ):
+        action(name, _by_name(function, done)).add_argument("name")
+
+
+def _local(epoch: float, zone: str) -> str:
+    from zoneinfo import ZoneInfo
+
+    return datetime.fromtimestamp(epoch, timezone.utc).astimezone(ZoneInfo(zone)).isoformat(sep=" ")
+
+
+def _print_json(data: Any) -> int:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    return 0

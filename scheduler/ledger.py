@@ -1,0 +1,277 @@
+"""Schedules and their fire ledger in the engine's store: the one source of truth.
+
+- `schedules`: the definitions, each with its `Origin`. Every change bumps `schedule_versions`
+  in the same transaction, which every scheduler polls (`Ledger.version`), so a change made on
+  any host reaches all of them within a poll.
+- `schedule_fires`: one row per schedule and fire time, unique. A fire claims its row in the
+  transaction that records its job (`Ledger.claim`), so whichever scheduler inserts first
+  creates the job, and the others find the row and create nothing. Missed and skipped fire
+  times get rows too: the ledger is what users read as the schedule's history.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from datetime import datetime, timezone
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Iterable, Optional
+
+from sqlalchemy import Connection, delete, func, select, update
+
+from engine.job import FINISHED_STATES
+from engine.schema import jobs, schedule_fires, schedule_versions, schedules
+from engine.store import Store
+
+from .definition import Origin, Schedule, ScheduleNotFound
+
+#: The ledger keeps at most this many missed fire times of one outage, the latest; the log
+#: line of the outage says how many more there were.
+MAX_MISSED_RECORDED = 1000
+
+
+class FireOutcome(StrEnum):
+    """What became of one fire time, as its ledger row says."""
+
+    ENQUEUED = "enqueued"  # its job was created
+    MISSED = "missed"  # no scheduler fired it in time (see `Misfire`)
+    SKIPPED_OVERLAP = "skipped-overlap"  # overlap = false and the previous fire's job was unfinished
+
+
+@dataclass(frozen=True)
+class StoredSchedule:
+    """A schedule as the store holds it, with who owns it and when it last changed."""
+
+    schedule: Schedule
+    origin: Origin
+    created_at: float
+    updated_at: float
+    active_since: float  # fire times before this are not due (see `engine.schema`)
+
+
+@dataclass(frozen=True)
+class Fire:
+    """One row of the fire ledger."""
+
+    schedule: str
+    fire_time: float
+    outcome: FireOutcome
+    job_id: Optional[str]
+    recorded_at: float
+    scheduler: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schedule": self.schedule, "fire_time": _iso(self.fire_time), "outcome": self.outcome.value,
+            "job_id": self.job_id, "recorded_at": _iso(self.recorded_at), "scheduler": self.scheduler,
+        }  # fmt: skip
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _this_scheduler() -> str:
+    """Who records a fire, for the ledger's `scheduler` column."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Ledger:
+    """Schedules and fires on the store's connections and transactions.
+
+    Parameters:
+      store(Store): the engine's store (its schema upgraded).
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._insert = store._insert  # the dialect's INSERT, with ON CONFLICT
+
+    # -- definitions -----------------------------------------------------------------------------
+
+    def save(self, schedule: Schedule, *, origin: Origin) -> StoredSchedule:
+        """Create or replace a schedule. A change of its timing (cron, zone) or a resume starts
+        it afresh: fire times before the change are not due, so they are not missed either."""
+        now = time.time()
+        row = _row(schedule)
+        with self.store.transaction() as connection:
+            before = self._find(connection, schedule.name, for_update=True)
+            if before is None:
+                connection.execute(
+                    schedules.insert().values(**row, origin=origin, created_at=now, updated_at=now, active_since=now)
+                )
+            else:
+                old = before.schedule
+                retimed = (old.cron, old.timezone) != (schedule.cron, schedule.timezone)
+                resumed = schedule.enabled and not old.enabled
+                active_since = now if retimed or resumed else before.active_since
+                connection.execute(
+                    update(schedules)
+                    .where(schedules.c.name == schedule.name)
+                    .values(**row, origin=origin, updated_at=now, active_since=active_since)
+                )
+            _bump(connection)
+            return self._find(connection, schedule.name)  # type: ignore[return-value]
+
+    def set_enabled(self, name: str, enabled: bool) -> StoredSchedule:
+        """Pause or resume. Raises: ScheduleNotFound."""
+        found = self.get(name)
+        return self.save(found.schedule.model_copy(update={"enabled": enabled}), origin=found.origin)
+
+    def delete(self, name: str) -> None:
+        """Delete a schedule and its ledger; its jobs stay. Raises: ScheduleNotFound."""
+        with self.store.transaction() as connection:
+            deleted = connection.execute(delete(schedules).where(schedules.c.name == name)).rowcount
+            if not deleted:
+                raise ScheduleNotFound(name)
+            connection.execute(delete(schedule_fires).where(schedule_fires.c.schedule == name))
+            _bump(connection)
+
+    def get(self, name: str) -> StoredSchedule:
+        """Raises: ScheduleNotFound."""
+        with self.store.reading() as connection:
+            found = self._find(connection, name)
+        if found is None:
+            raise ScheduleNotFound(name)
+        return found
+
+    def list(self, *, origin: Optional[Origin] = None) -> list[StoredSchedule]:
+        """Every schedule, by name."""
+        query = select(schedules).order_by(schedules.c.name)
+        if origin is not None:
+            query = query.where(schedules.c.origin == origin)
+        with self.store.reading() as connection:
+            return [_stored(row) for row in connection.execute(query)]
+
+    def version(self) -> int:
+        """The change counter: it moves with every change of any schedule."""
+        with self.store.reading() as connection:
+            return connection.execute(select(schedule_versions.c.version)).scalar_one()
+
+    @staticmethod
+    def _find(connection: Connection, name: str, *, for_update: bool = False) -> Optional[StoredSchedule]:
+        query = select(schedules).where(schedules.c.name == name)
+        row = connection.execute(query.with_for_update() if for_update else query).first()
+        return _stored(row) if row is not None else None
+
+    # -- fires -----------------------------------------------------------------------------------
+
+    def claim(self, connection: Connection, name: str, fire_time: float, outcome: FireOutcome, job_id: Optional[str] = None) -> bool:
+        """Insert the ledger row of a fire time in `connection`'s transaction; False when
+        another scheduler has it already (a concurrent claim waits for the first to commit)."""
+        claimed = connection.execute(
+            self._insert(schedule_fires)
+            .values(
+                schedule=name, fire_time=fire_time, outcome=outcome, job_id=job_id,
+                recorded_at=time.time(), scheduler=_this_scheduler(),
+            )  # fmt: skip
+            .on_conflict_do_nothing(index_elements=["schedule", "fire_time"])
+            .returning(schedule_fires.c.id)
+        ).first()
+        return claimed is not None
+
+    def record_missed(self, name: str, fire_times: Iterable[float]) -> int:
+        """Record fire times as missed, but those claimed already; returns how many were new."""
+        rows = [
+            {"schedule": name, "fire_time": fire_time, "outcome": FireOutcome.MISSED, "job_id": None,
+             "recorded_at": time.time(), "scheduler": _this_scheduler()}
+            for fire_time in fire_times
+        ]  # fmt: skip
+        if not rows:
+            return 0
+        statement = self._insert(schedule_fires).on_conflict_do_nothing(index_elements=["schedule", "fire_time"])
+        with self.store.transaction() as connection:
+            return len(connection.execute(statement.returning(schedule_fires.c.id), rows).all())
+
+    @staticmethod
+    def tag_job(connection: Connection, job_id: str, name: str, fire_time: float) -> None:
+        """Write the schedule and fire time into the job's row, recorded in this transaction."""
+        connection.execute(update(jobs).where(jobs.c.id == job_id).values(schedule=name, fire_time=fire_time))
+
+    @staticmethod
+    def previous_job_unfinished(connection: Connection, name: str) -> bool:
+        """Whether the job of the schedule's latest enqueued fire has not finished yet."""
+        latest = (
+            select(schedule_fires.c.job_id)
+            .where(schedule_fires.c.schedule == name, schedule_fires.c.outcome == FireOutcome.ENQUEUED)
+            .order_by(schedule_fires.c.fire_time.desc())
+            .limit(1)
+            .scalar_subquery()
+        )
+        state = connection.execute(select(jobs.c.state).where(jobs.c.id == latest)).scalar()
+        return state is not None and state not in {state.value for state in FINISHED_STATES}
+
+    def last_fire_times(self) -> dict[str, float]:
+        """Each schedule's latest fire time in the ledger, whatever its outcome."""
+        query = select(schedule_fires.c.schedule, func.max(schedule_fires.c.fire_time)).group_by(schedule_fires.c.schedule)
+        with self.store.reading() as connection:
+            return dict(connection.execute(query).all())
+
+    def fires(self, name: str, *, limit: int = 20) -> list[Fire]:
+        """The schedule's latest fires, newest first."""
+        query = (
+            select(schedule_fires)
+            .where(schedule_fires.c.schedule == name)
+            .order_by(schedule_fires.c.fire_time.desc())
+            .limit(limit)
+        )
+        with self.store.reading() as connection:
+            return [_fire(row) for row in connection.execute(query)]
+
+    def last_fires(self) -> dict[str, Fire]:
+        """Each schedule's latest fire."""
+        latest = (
+            select(schedule_fires.c.schedule, func.max(schedule_fires.c.fire_time).label("fire_time"))
+            .group_by(schedule_fires.c.schedule)
+            .subquery()
+        )
+        query = select(schedule_fires).join(
+            latest, (latest.c.schedule == schedule_fires.c.schedule) & (latest.c.fire_time == schedule_fires.c.fire_time)
+        )
+        with self.store.reading() as connection:
+            return {row.schedule: _fire(row) for row in connection.execute(query)}
+
+    def purge_fires(self, *, older_than: float) -> int:
+        """Delete ledger rows of fire times before `older_than`, but each schedule's latest
+        (the start from which schedulers count missed fires). Returns how many went."""
+        newest = (
+            select(schedule_fires.c.schedule, func.max(schedule_fires.c.fire_time).label("fire_time"))
+            .group_by(schedule_fires.c.schedule)
+            .subquery()
+        )
+        old = (
+            select(schedule_fires.c.id)
+            .join(newest, newest.c.schedule == schedule_fires.c.schedule)
+            .where(schedule_fires.c.fire_time < older_than, schedule_fires.c.fire_time < newest.c.fire_time)
+        )
+        with self.store.transaction() as connection:
+            return connection.execute(delete(schedule_fires).where(schedule_fires.c.id.in_(old.scalar_subquery()))).rowcount
+
+
+def _bump(connection: Connection) -> None:
+    connection.execute(update(schedule_versions).values(version=schedule_versions.c.version + 1))
+
+
+def _row(schedule: Schedule) -> dict[str, Any]:
+    data = schedule.model_dump(mode="json")
+    return {**data, "args": json.dumps(data["args"]), "kwargs": json.dumps(data["kwargs"])}
+
+
+def _stored(row: Any) -> StoredSchedule:
+    fields = {name: getattr(row, name) for name in Schedule.model_fields}
+    fields.update(args=json.loads(row.args), kwargs=json.loads(row.kwargs))
+    return StoredSchedule(
+        # Its actor was checked when it was saved, by a process that knew it.
+        schedule=Schedule(**fields),
+        origin=Origin(row.origin),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        active_since=row.active_since,
+    )
+
+
+def _fire(row: Any) -> Fire:
+    return Fire(row.schedule, row.fire_time, FireOutcome(row.outcome), row.job_id, row.recorded_at, row.scheduler)
