@@ -33,6 +33,8 @@ from loguru import logger
 from sqlalchemy import Connection
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from .backoff import Backoff
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -52,11 +54,8 @@ GATHER_MAX_S = 1e-3
 #: a batch is taken).
 ROOM_POLL_S = 0.05
 
-#: The pause after a batch's first try while the database is unreachable; it doubles at each
-#: try after ...
+#: The first and the longest pause between two tries of a batch while the database is unreachable.
 OUTAGE_FIRST_PAUSE_S = 0.1
-
-#: ... up to this.
 OUTAGE_MAX_PAUSE_S = 5.0
 
 #: Errors that mean the database cannot be reached (or is locked), not that a write is wrong.
@@ -386,7 +385,7 @@ class _Writer:
         self.disconnect(broken=False)
 
     def commit(self, batch: list[_Write]) -> None:
-        pause_s = OUTAGE_FIRST_PAUSE_S
+        backoff = Backoff(OUTAGE_FIRST_PAUSE_S, OUTAGE_MAX_PAUSE_S)
         while batch:
             try:
                 results = self._apply(batch)
@@ -397,9 +396,8 @@ class _Writer:
                         write.future.set_exception(error)
                 batch = [write for write in batch if write.waits_out_outage]
                 if batch:
-                    logger.warning("The store is unreachable ({}); retrying in {:.1f} s.", type(error).__name__, pause_s)
-                    time.sleep(pause_s)
-                    pause_s = min(pause_s * 2, OUTAGE_MAX_PAUSE_S)
+                    logger.warning("The store is unreachable ({}); retrying in {:.1f} s.", type(error).__name__, backoff.next_s)
+                    backoff.pause()
                 continue
             except Exception as error:
                 if len(batch) == 1:

@@ -14,7 +14,7 @@ from typing import Optional
 
 from loguru import logger
 
-from engine.broker import get_store
+from engine.app import get_store
 from engine.errors import ConfigError
 from engine.logging import setup_logging
 from engine.settings import Settings, get_settings
