@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from rich.console import Console
 from rich.markup import escape
@@ -28,6 +28,9 @@ from sqlalchemy.exc import OperationalError
 from .errors import EngineError
 from .job import JobState
 from .settings import get_settings
+
+if TYPE_CHECKING:
+    from .supervisor import ProcessKind
 
 console = Console()
 errors = Console(stderr=True)
@@ -66,13 +69,18 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The engine on one machine: a scheduler and supervised workers on the settings' store and broker."""
-    from .supervisor import SCHEDULER
+    """The whole engine on one machine: the API, a scheduler and supervised workers, stopped together."""
+    from api import listen
 
-    return worker(args, others=[SCHEDULER])
+    from .supervisor import SCHEDULER, api_process
+
+    # Bound here, before any process starts: a taken port is reported at once, and a restarted
+    # API process answers on the same socket.
+    with listen(get_settings()) as listener:
+        return worker(args, others=[SCHEDULER, api_process(listener)])
 
 
-def worker(args: argparse.Namespace, others: Sequence[tuple[str, list[str]]] = ()) -> int:
+def worker(args: argparse.Namespace, others: Sequence[ProcessKind] = ()) -> int:
     """Supervised worker processes; a dead one is restarted while the others keep working."""
     from .logging import setup_logging
     from .supervisor import run_workers
@@ -90,19 +98,10 @@ def worker(args: argparse.Namespace, others: Sequence[tuple[str, list[str]]] = (
 
 def api(args: argparse.Namespace) -> int:
     """The HTTP API and status page alone, on ENGINE_API_HOST:ENGINE_API_PORT."""
-    import engine.actors  # noqa: F401  (registers every actor, so that jobs can be submitted by name)
+    from api.__main__ import main as run_api
 
-    from api import serve
-
-    from .logging import setup_logging
-
-    overrides = {"api_host": args.host, "api_port": args.port}
-    settings = get_settings().model_copy(update={name: value for name, value in overrides.items() if value is not None})
-    setup_logging(settings)
-    try:
-        return serve(settings)
-    except OSError as error:  # the port is taken, the address is not this host's
-        raise EngineError(f"cannot listen on {settings.api_host}:{settings.api_port}: {error.strerror or error}") from None
+    options = [*(["--host", args.host] if args.host else []), *(["--port", str(args.port)] if args.port is not None else [])]
+    return run_api(options)
 
 
 def db_upgrade(args: argparse.Namespace) -> int:

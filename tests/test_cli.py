@@ -116,7 +116,8 @@ def project(tmp_path_factory) -> Path:
 def project_env(project) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items() if not name.startswith("ENGINE_")}
     env.pop("PYTHONPATH", None)
-    return {**env, "ENGINE_STORE_URL": f"sqlite:///{project}/engine.db", "ENGINE_ACTOR_MODULES": "myapp.jobs"}
+    # ENGINE_API_PORT=0: `engine run` serves the API on any free port, not on another test's.
+    return {**env, "ENGINE_STORE_URL": f"sqlite:///{project}/engine.db", "ENGINE_ACTOR_MODULES": "myapp.jobs", "ENGINE_API_PORT": "0"}
 
 
 def engine_in(project: Path, env: dict[str, str], *args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
