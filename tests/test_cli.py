@@ -213,18 +213,22 @@ def in_terminal(project: Path, env: dict[str, str], *args: str, columns: int) ->
     return _without_styles(output.decode())
 
 
+def narrow_output(project: Path, env: dict[str, str], where: str, *args: str) -> str:
+    """The output of `engine` 30 columns wide, on a terminal or piped."""
+    if where == "terminal":
+        return in_terminal(project, env, *args, columns=30)
+    done = engine_in(project, env, *args, COLUMNS="30")
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 @pytest.mark.parametrize("command", ["jobs", "status"])
 @pytest.mark.parametrize("where", ["piped", "terminal"])
 def test_ids_and_states_are_never_cut_however_narrow_the_output(project, project_env, finished_jobs, command, where):
     outputs = []
     for state, job_id in finished_jobs.items():
         args = ["jobs", "--status", state] if command == "jobs" else ["status", job_id]
-        if where == "piped":
-            done = engine_in(project, project_env, *args, COLUMNS="30")
-            assert done.returncode == 0, done.stderr
-            output = done.stdout
-        else:
-            output = in_terminal(project, project_env, *args, columns=30)
+        output = narrow_output(project, project_env, where, *args)
         outputs.append(output)
 
         assert job_id in output and state in output, output
@@ -261,12 +265,7 @@ def schedule_fired(project, project_env, running_engine) -> tuple[str, str]:
 def test_schedule_names_ids_and_states_are_never_cut_however_narrow_the_output(project, project_env, schedule_fired, command, where):
     name, job_id = schedule_fired
     args = ["schedules"] if command == "schedules" else ["schedules", "show", name]
-    if where == "piped":
-        done = engine_in(project, project_env, *args, COLUMNS="30")
-        assert done.returncode == 0, done.stderr
-        output = done.stdout
-    else:
-        output = in_terminal(project, project_env, *args, columns=30)
+    output = narrow_output(project, project_env, where, *args)
 
     assert "…" not in output, output
     if command == "schedules":
