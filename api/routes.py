@@ -13,7 +13,7 @@ from sqlalchemy.exc import DBAPIError
 
 import engine
 from engine import client
-from engine.broker import get_broker, get_store
+from engine.app import get_broker, get_store
 from engine.errors import EngineError
 from engine.job import JobState
 from engine.settings import Settings

@@ -6,7 +6,7 @@ with `engine.cancel`. Cron schedules are defined with `engine.set_schedule` and 
 `engine.list_schedules`, `engine.get_schedule` and `engine.schedule_fires`.
 """
 
-from .broker import actor, get_broker, get_store
+from .app import actor, get_broker, get_store
 from .client import (
     CancelOutcome,
     CancelResult,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from .broker import get_broker
+from .app import get_broker
 from .errors import ConfigError
 from .settings import get_settings
 

@@ -14,11 +14,11 @@ from typing import Any, Optional, Union
 
 from dramatiq.errors import ActorNotFound
 
-from .broker import MAX_PRIORITY, get_broker, get_store
-from .brokers.rabbitmq import sending_now
+from .app import MAX_PRIORITY, get_broker, get_store
 from .errors import DuplicateJob, EngineError, ResultNotReady, UnknownActor
 from .job import Attempt, Job, JobState
 from .middleware.cancellation import Cancellation
+from .tracked_broker import TrackedBroker, sending_now
 
 
 @dataclass(frozen=True)
@@ -250,16 +250,16 @@ def flush(timeout: Optional[float] = None) -> None:
         `failed`, and `retry` sends it again. Each is reported once.
       TimeoutError: some are still being sent after `timeout` seconds.
     """
-    wait_sent = getattr(get_broker(), "wait_sent", None)
-    if wait_sent is not None:
-        wait_sent(timeout)
+    broker = get_broker()
+    if isinstance(broker, TrackedBroker):
+        broker.wait_sent(timeout)
 
 
 def _read_own_sends(job_id: Optional[str] = None) -> None:
     """Let a read see this process's own sends that are still on their way (see `flush`)."""
-    settle = getattr(get_broker(), "settle_sends", None)
-    if settle is not None:
-        settle(job_id)
+    broker = get_broker()
+    if isinstance(broker, TrackedBroker):
+        broker.settle_sends(job_id)
 
 
 def _delay_ms(delay: Union[float, timedelta, None]) -> Optional[int]:

@@ -85,7 +85,7 @@ class Settings(BaseSettings):
         default=1.0, gt=0, description="how often workers look in the store for cancel requests they missed"
     )
     progress_interval_s: float = Field(
-        default=0.5, gt=0, description="how often a job's progress is written, at most; its last value always is"
+        default=0.5, ge=0, description="how often a job's progress is written, at most; its last value always is"
     )
 
     broker_pool_size: int = Field(default=8, ge=1, description="RabbitMQ connections shared by sending threads")

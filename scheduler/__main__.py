@@ -14,7 +14,7 @@ from typing import Callable, Optional
 from dramatiq import Broker
 from loguru import logger
 
-from engine.broker import get_store
+from engine.app import get_store
 from engine.settings import Settings
 from engine.worker import run_engine_process
 

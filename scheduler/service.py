@@ -34,7 +34,7 @@ from loguru import logger
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from engine.brokers.rabbitmq import sending_now
+from engine.tracked_broker import sending_now
 from engine.brokers.sqlite import SQLiteBroker
 from engine.store import Store
 

@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 import engine
-import engine.broker
+import engine.app
 import engine.settings
 from engine import JobState
 from engine.supervisor import cpus_to_pin
@@ -133,7 +133,7 @@ def client(monkeypatch, tmp_path, engine_env) -> Iterator[None]:
     point_engine_at(engine_env, monkeypatch)
     yield
     engine.get_broker().close()
-    engine.broker._broker = None
+    engine.app._broker = None
     dramatiq.set_broker(None)
     engine.settings.get_settings.cache_clear()
 

@@ -99,12 +99,12 @@ def test_a_job_longer_than_the_consumer_timeout_runs_exactly_once(
 KILLED_SENDER = """
 import os, signal
 import engine
-from engine.brokers.rabbitmq import _Publisher
+from engine.brokers.rabbitmq.sender import Publisher
 from tests.support import actors
-_Publisher.__call__ = lambda self, batch: signal.pause()
+Publisher.__call__ = lambda self, batch: signal.pause()
 print(actors.echo.send("lost").message_id)
 print(actors.echo.send_with_options(args=("late",), delay=300).message_id, flush=True)
-engine.broker.get_store().writer.flush()
+engine.app.get_store().writer.flush()
 os.kill(os.getpid(), signal.SIGKILL)
 """
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 import pytest
 
-import engine.broker
+import engine.app
 import engine.settings
 from engine.job import Job, JobState
 from engine.lifetime import dying_with_this_process
@@ -90,7 +90,7 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
 
 
 def wait_for_state(job_id: str, states: set[JobState], timeout: float = 30) -> Job:
-    store = engine.broker.get_store()
+    store = engine.app.get_store()
 
     def reached() -> Optional[Job]:
         job = store.get(job_id)
@@ -122,7 +122,7 @@ def point_engine_at(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Non
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     engine.settings.get_settings.cache_clear()
-    engine.broker._broker = None
+    engine.app._broker = None
     # Reloaded in place, not imported anew: test modules hold references to it.
     if "tests.support.actors" in sys.modules:
         importlib.reload(sys.modules["tests.support.actors"])

@@ -10,7 +10,7 @@ tests/conftest.py, which the source distribution does not ship, so that every te
   ``ENGINE_CONFORMANCE_PG_URL`` when the engine's middleware is on;
 - ``ENGINE_CONFORMANCE_BROKER=sqlite``: `engine.brokers.SQLiteBroker` in a new SQLite file per test;
 - ``ENGINE_CONFORMANCE_MIDDLEWARE=dramatiq``: Dramatiq's default middleware, as a user who
-  builds the broker class himself gets it; ``engine``: the broker as `engine.broker.build_broker`
+  builds the broker class himself gets it; ``engine``: the broker as `engine.app.build_broker`
   builds it from settings, with the engine's middleware.
 
 Which tests run at all, and why the others do not, is in `expectations` (next to suite.py, on
@@ -32,9 +32,9 @@ from dramatiq import Broker, Worker
 from dramatiq.rate_limits import backends as rate_limit_backends
 from dramatiq.results import backends as result_backends
 
-import engine.broker
+import engine.app
 from engine.brokers import RabbitmqBroker, SQLiteBroker
-from engine.broker import MAX_PRIORITY, build_broker, build_middleware
+from engine.app import MAX_PRIORITY, build_broker, build_middleware
 from engine.middleware import Tracking
 from engine.settings import Settings
 from engine.store import Store
@@ -123,7 +123,7 @@ def engine_broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
     broker, stores = _new_broker(request)
     broker.join = _join_without_fail_fast(broker.join)
     broker.emit_after("process_boot")
-    engine.broker.use(broker)
+    engine.app.use(broker)
     yield broker
     try:
         if isinstance(broker, RabbitmqBroker):
@@ -134,7 +134,7 @@ def engine_broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
         broker.close()
         for store in stores:
             store.close()
-        engine.broker._broker = None
+        engine.app._broker = None
         dramatiq.set_broker(None)
 
 
