@@ -107,7 +107,7 @@ def api(args: argparse.Namespace) -> int:
 
 def db_upgrade(args: argparse.Namespace) -> int:
     """Create or migrate the job store's schema."""
-    from . import migrations
+    from .store import migrations
 
     before = _upgrade_store()
     console.print(f"job store at schema version {migrations.LATEST} (was {before or 'empty'})")

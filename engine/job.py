@@ -56,7 +56,7 @@ REENQUEUE_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 
 class Outcome(StrEnum):
     """How one attempt ended: in the attempt's row, or in its job's row for the attempt that
-    ended the job as `succeeded` (see `engine.schema`)."""
+    ended the job as `succeeded` (see `engine.store.schema`)."""
 
     SUCCEEDED = "succeeded"
     WILL_RETRY = "error-will-retry"

@@ -23,8 +23,8 @@ from typing import Any, Iterable, Optional
 from sqlalchemy import Connection, delete, func, select, update
 
 from engine.job import FINISHED_STATES
-from engine.schema import jobs, schedule_fires, schedule_versions, schedules
 from engine.store import Store
+from engine.store.schema import jobs, schedule_fires, schedule_versions, schedules
 
 from .definition import Origin, Schedule, ScheduleNotFound
 
@@ -49,7 +49,7 @@ class StoredSchedule:
     origin: Origin
     created_at: float
     updated_at: float
-    active_since: float  # fire times before this are not due (see `engine.schema`)
+    active_since: float  # fire times before this are not due (see `engine.store.schema`)
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class Ledger:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._insert = store._insert  # the dialect's INSERT, with ON CONFLICT
+        self._insert = store.dialect.insert  # the dialect's INSERT, with ON CONFLICT
 
     # -- definitions -----------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import ArgumentsNotSerializable, JobCanceled, ResultNotSerializable, ResultTooLarge, TrackingError
 from ..job import JobState, Outcome
-from ..store import AttemptEnd, AttemptRun, EnqueueRecord, StartRequest, Store
+from ..store import AttemptEnd, AttemptRun, StartRequest, Store
 from ..tracked_broker import TrackedBroker, row_writes_collected
 from .heartbeat import Heartbeat
 
@@ -164,9 +164,7 @@ class Tracking(Middleware):
         row_writes = row_writes_collected()
         # Committed with the rows of the process's other sends; a row its sender does not wait
         # for waits out a database outage instead of failing.
-        recorded = self.store.writer.submit(
-            self.store.record_enqueues, EnqueueRecord(row, delayed), patient=row_writes is not None
-        )
+        recorded = self.store.enqueue_later(row, delayed=delayed, wait_out_outage=row_writes is not None)
         if row_writes is not None:
             row_writes.append(recorded)  # the broker sends the message once its row is committed
         else:
@@ -183,9 +181,7 @@ class Tracking(Middleware):
         request = StartRequest(
             message.message_id, self.host, os.getpid(), self.heartbeat.worker_id, self.dead_after_s, time.time()
         )
-        start = self.store.writer.write(self.store.record_attempts, request, followers=WRITES_AFTER_A_START)
-        if start.undecided:  # not queued, or ended in the same batch: decided on its own
-            start = self.store.writer.write(self.store.start_attempts, request)
+        start = self.store.start(request, next_writes=WRITES_AFTER_A_START)
         if start.running_elsewhere:
             logger.info("Job {} runs under a live worker; looking again in {} s.", message.message_id, self.dead_after_s)
             recheck = message.copy(options={**message.options, RECHECK_OPTION: True})
@@ -256,14 +252,14 @@ class Tracking(Middleware):
         end = AttemptEnd.of(
             attempt.job_id, attempt.number, outcome, run=attempt.run, progress=attempt.pending_progress, **fields
         )
-        recorded = self.store.writer.submit(self.store.record_attempts, end)
+        recorded = self.store.end(end)
         # With a broker that settles the message once its end is recorded, the thread goes on
         # to its next job, so that this end and the next job's start are committed together.
         if not (isinstance(broker, TrackedBroker) and broker.settle_when_recorded(message, recorded)):
             recorded.result()
 
     def after_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
-        self.store.writer.close(timeout=SHUTDOWN_FLUSH_S)
+        self.store.writer.close(timeout_s=SHUTDOWN_FLUSH_S)
 
     def _encode_result(self, result: Any) -> Optional[str]:
         if result is None:
