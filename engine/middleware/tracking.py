@@ -130,6 +130,27 @@ class Tracking(Middleware):
     def before_enqueue(self, broker: Broker, message: Message, delay: Optional[int]) -> None:
         if message.options.get(RECHECK_OPTION):
             return  # the job's row exists and is `running`: nothing to record
+        record = self.enqueue_record(message, delay)
+        if self.store.in_transaction():
+            # The embedded broker's enqueue: the row is committed with the message, or neither is.
+            self._record_now(lambda: self.store.record_enqueue(record.row, delayed=record.delayed), message)
+            return
+        in_flight = rows_in_flight.get()
+        # Committed with the rows of the process's other sends; a row its sender does not wait
+        # for waits out a database outage instead of failing.
+        recorded = self.store.writer.submit(self.store.record_enqueues, record, patient=in_flight is not None)
+        if in_flight is not None:
+            in_flight.append(recorded)  # the broker sends the message once its row is committed
+        else:
+            self._record_now(recorded.result, message)
+
+    def enqueue_record(self, message: Message, delay: Optional[int]) -> EnqueueRecord:
+        """The job row `before_enqueue` writes for `message`, for a caller that records many
+        rows in a transaction of its own (`Store.record_enqueues`; the scheduler's fires).
+
+        Raises:
+          ArgumentsNotSerializable: the message's arguments are not JSON.
+        """
         now = time.time()
         try:
             args, kwargs = json.dumps(message.args), json.dumps(message.kwargs)
@@ -150,20 +171,7 @@ class Tracking(Middleware):
             "created_at": now,
             "scheduled_for": now + delay / 1000 if delay else None,
         }
-        if self.store.in_transaction():
-            # The embedded broker's enqueue: the row is committed with the message, or neither is.
-            self._record_now(lambda: self.store.record_enqueue(row, delayed=bool(delay)), message)
-            return
-        in_flight = rows_in_flight.get()
-        # Committed with the rows of the process's other sends; a row its sender does not wait
-        # for waits out a database outage instead of failing.
-        recorded = self.store.writer.submit(
-            self.store.record_enqueues, EnqueueRecord(row, bool(delay)), patient=in_flight is not None
-        )
-        if in_flight is not None:
-            in_flight.append(recorded)  # the broker sends the message once its row is committed
-        else:
-            self._record_now(recorded.result, message)
+        return EnqueueRecord(row, bool(delay))
 
     @staticmethod
     def _record_now(write: Callable[[], object], message: Message) -> None:
