@@ -110,10 +110,15 @@ class Ledger:
         with self.store.transaction() as connection:
             before = self._find(connection, schedule.name, for_update=True)
             if before is None:
-                connection.execute(
-                    schedules.insert().values(**row, origin=origin, created_at=now, updated_at=now, active_since=now)
-                )
-            else:
+                created = connection.execute(
+                    self._insert(schedules)
+                    .values(**row, origin=origin, created_at=now, updated_at=now, active_since=now)
+                    .on_conflict_do_nothing(index_elements=["name"])
+                    .returning(schedules.c.name)
+                ).first()
+                if created is None:  # another process created it since (two schedulers starting)
+                    before = self._find(connection, schedule.name, for_update=True)
+            if before is not None:
                 old = before.schedule
                 retimed = (old.cron, old.timezone) != (schedule.cron, schedule.timezone)
                 resumed = schedule.enabled and not old.enabled
