@@ -347,7 +347,8 @@ def _ended_attempts_insert(insert: Callable[[Any], Any]) -> Any:
     return _completing(insert(attempts).from_select(list(_ATTEMPT_ROW_COLUMNS), chosen))
 
 
-#: The columns of a new job's row (`EnqueueRecord.row` and its state), with their types.
+#: The columns of a new job's row (`EnqueueRecord.row` and its state), with their types. The
+#: last two only a cron fire's row has (`scheduler.service`); other rows leave them NULL.
 _NEW_JOB_COLUMNS = {
     "id": "text",
     "actor": "text",
@@ -360,6 +361,8 @@ _NEW_JOB_COLUMNS = {
     "idempotency_key": "text",
     "created_at": "float8",
     "scheduled_for": "float8",
+    "schedule": "text",
+    "fire_time": "float8",
 }
 
 

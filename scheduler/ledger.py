@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Iterable, NamedTuple, Optional
 
-from sqlalchemy import Connection, bindparam, delete, func, select, update
+from sqlalchemy import Connection, bindparam, delete, func, select, text, update
 
 from engine.job import FINISHED_STATES
 from engine.schema import jobs, schedule_fires, schedule_versions, schedules
@@ -32,6 +32,20 @@ from .definition import Origin, Schedule, ScheduleNotFound
 #: The ledger keeps at most this many missed fire times of one outage, the latest; the log
 #: line of the outage says how many more there were.
 MAX_MISSED_RECORDED = 1000
+
+
+#: `Ledger.claim_many` on PostgreSQL: the claims in one JSON parameter, inserted in their order,
+#: one statement text for every batch size (a multi-row VALUES binds six parameters a claim).
+_CLAIMS_PG = text(
+    """
+INSERT INTO schedule_fires (schedule, fire_time, outcome, job_id, recorded_at, scheduler)
+SELECT schedule, fire_time, outcome, job_id, :recorded_at, :scheduler
+FROM json_to_recordset(CAST(:claims AS json)) AS claim(schedule text, fire_time float8, outcome text, job_id text)
+ORDER BY schedule, fire_time
+ON CONFLICT (schedule, fire_time) DO NOTHING
+RETURNING schedule, fire_time
+"""
+)
 
 
 class FireOutcome(StrEnum):
@@ -190,8 +204,12 @@ class Ledger:
         """
         if not claims:
             return set()
+        ordered = sorted(claims, key=_claim_order)
         now, scheduler = time.time(), _this_scheduler()
-        rows = [{**claim._asdict(), "recorded_at": now, "scheduler": scheduler} for claim in sorted(claims, key=_claim_order)]
+        if connection.dialect.name == "postgresql":
+            parameters = {"claims": json.dumps([claim._asdict() for claim in ordered]), "recorded_at": now, "scheduler": scheduler}
+            return {tuple(row) for row in connection.execute(_CLAIMS_PG, parameters)}  # type: ignore[misc]
+        rows = [{**claim._asdict(), "recorded_at": now, "scheduler": scheduler} for claim in ordered]
         statement = self._insert(schedule_fires).on_conflict_do_nothing(index_elements=["schedule", "fire_time"])
         inserted = connection.execute(statement.returning(schedule_fires.c.schedule, schedule_fires.c.fire_time), rows)
         return {(row.schedule, row.fire_time) for row in inserted}

@@ -349,16 +349,20 @@ def schedule_message(broker: Broker, schedule: Schedule) -> Message:
 
 def record_jobs(broker: Broker, connection: Connection, created: Iterable[tuple[Message, str, Optional[float]]]) -> None:
     """Record jobs in the current transaction (`connection`'s), each (message, schedule, fire
-    time): their rows as Tracking writes them, in one statement (embedded, each with its
-    message row), then their schedule and fire time."""
+    time): their rows as Tracking writes them, with their schedule and fire time, in one
+    statement; embedded, each with its message row (`SQLiteBroker.enqueue`), then tagged."""
     created = list(created)
     if isinstance(broker, SQLiteBroker):
         for message, _, _ in created:
             broker.enqueue(message)  # the message row joins this transaction
-    elif created:
-        tracking = next(each for each in broker.middleware if isinstance(each, Tracking))
-        tracking.store.record_enqueues(connection, [tracking.enqueue_record(message, None) for message, _, _ in created])
-    Ledger.tag_jobs(connection, [(message.message_id, name, fire_time) for message, name, fire_time in created])
+        Ledger.tag_jobs(connection, [(message.message_id, name, fire_time) for message, name, fire_time in created])
+        return
+    tracking = next(each for each in broker.middleware if isinstance(each, Tracking))
+    records = [tracking.enqueue_record(message, None) for message, _, _ in created]
+    for record, (_, name, fire_time) in zip(records, created):
+        record.row.update(schedule=name, fire_time=fire_time)
+    if records:
+        tracking.store.record_enqueues(connection, records)
 
 
 def send_recorded(broker: Broker, messages: list[Message]) -> None:
