@@ -37,6 +37,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from engine.lifetime import dying_with_this_process
+
 from .services import database, log, vhost
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,7 +52,8 @@ JOB_SECONDS = 120.0
 
 @contextmanager
 def workers(env: dict[str, str], processes: int, threads: int, log_path: Path) -> Iterator[None]:
-    """``engine worker`` in a session of its own, stopped (then killed, group and all) after."""
+    """``engine worker`` in a session of its own, stopped (then killed, group and all) after;
+    it dies with this process, should this one be killed."""
     with open(log_path, "ab") as output:
         supervisor = subprocess.Popen(
             [sys.executable, "-m", "engine.cli", "worker", "-p", str(processes), "-t", str(threads)],
@@ -59,6 +62,7 @@ def workers(env: dict[str, str], processes: int, threads: int, log_path: Path) -
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=dying_with_this_process(),
         )
     try:
         yield

@@ -27,6 +27,8 @@ import uuid
 
 import psutil
 
+from engine.lifetime import dying_with_this_process
+
 from bench.services import database, log, vhost
 
 PG_ADMIN_URL = os.environ.get("ENGINE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -68,6 +70,7 @@ def main() -> int:
             return subprocess.Popen(
                 [sys.executable, "-m", "engine.cli", *command], env={**os.environ, **env},
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=dying_with_this_process(),
             )  # fmt: skip
 
         workers = [start("worker", "--processes", str(args.worker_processes))] if args.worker_processes else []

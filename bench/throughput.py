@@ -48,6 +48,8 @@ from typing import Any, Iterator, Optional
 
 import psutil
 
+from engine.lifetime import dying_with_this_process
+
 from .services import database, log, vhost
 from .variant import REPO, VARIANTS
 
@@ -97,8 +99,15 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
         if name == "engine-sqlite":
             command += ["--store-url", f"sqlite:///{directory / 'engine.db'}"]
         log(f"{name}: running in {directory}")
-        # A session of its own: its workers share its process group, which is killed whatever happens.
-        driver = subprocess.Popen(command, cwd=REPO, start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        # A session of its own: its workers share its process group, which is killed whatever
+        # happens here; and it dies with this process, should this one be killed.
+        driver = subprocess.Popen(
+            command,
+            cwd=REPO,
+            start_new_session=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            preexec_fn=dying_with_this_process(),
+        )
         try:
             code = driver.wait()
         finally:

@@ -42,6 +42,8 @@ from typing import Any, Callable, Optional
 
 import psutil
 
+from engine.lifetime import dying_with_this_process
+
 from .bodies import PROBE_DIR_VARIABLE
 from .services import log
 
@@ -150,8 +152,15 @@ class Workers:
             out.flush()
             self.started_at = time.time()
             # Same process group as this driver: the orchestrator kills the whole group on error.
+            # Bound to this driver too, for when the driver alone is killed.
             self.process = subprocess.Popen(
-                command, env=self.env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+                command,
+                env=self.env,
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=dying_with_this_process(),
             )
         if self.variant.pinned_from_outside:
             threading.Thread(target=self._pin_while_booting, daemon=True).start()

@@ -6,7 +6,7 @@ with `engine.cancel`. Cron schedules are defined with `engine.set_schedule` and 
 `engine.list_schedules`, `engine.get_schedule` and `engine.schedule_fires`.
 """
 
-from .broker import actor, get_broker, get_store
+from .app import actor, get_broker, get_store
 from .client import (
     CancelOutcome,
     CancelResult,
@@ -27,6 +27,7 @@ from .errors import (
     ConfigError,
     DuplicateJob,
     EngineError,
+    InvalidArguments,
     InvalidJobState,
     JobCanceled,
     JobNotFound,
@@ -108,6 +109,7 @@ __all__ = [
     "JobNotFound",
     "ResultNotReady",
     "UnknownActor",
+    "InvalidArguments",
     "ArgumentsNotSerializable",
     "ResultTooLarge",
     "ResultNotSerializable",

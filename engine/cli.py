@@ -1,18 +1,26 @@
 """The ``engine`` command: run the engine, submit jobs and look at them.
 
 Every command prints errors as one line (``error: ...``) and exits 2 for bad input or
-configuration, 1 when a watched job did not succeed: never a stack trace for a user's mistake.
+configuration (an actor module that does not import among them), 1 when a watched job did not
+succeed: never a stack trace for a user's mistake. Like ``dramatiq``, every command finds the
+modules of ``ENGINE_ACTOR_MODULES`` in the current directory.
+
+Ids and states are printed whole, however narrow the terminal: a table is as wide as its longest
+id needs, and piped output is one row a line, with no borders, for ``grep`` and ``awk``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
 from rich.console import Console
+from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 from sqlalchemy.exc import OperationalError
@@ -23,6 +31,9 @@ from .settings import get_settings
 
 console = Console()
 errors = Console(stderr=True)
+
+#: A width no table reaches: what a table is measured in, to learn the width it wants.
+_UNLIMITED_WIDTH = 100_000
 
 _STATE_STYLES = {
     JobState.SCHEDULED: "cyan",
@@ -38,11 +49,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the ``engine`` console script."""
     parser = _parser()
     args = parser.parse_args(argv)
+    # As `python -m` and `dramatiq` do: the user's modules are found where the command is run.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         return args.command(args)
     except (EngineError, OperationalError) as error:
         message = str(error).splitlines()[0] if isinstance(error, OperationalError) else str(error)
-        errors.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
+        errors.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -72,6 +86,23 @@ def worker(args: argparse.Namespace, others: Sequence[tuple[str, list[str]]] = (
         queues=args.queues,
         others=others,
     )
+
+
+def api(args: argparse.Namespace) -> int:
+    """The HTTP API and status page alone, on ENGINE_API_HOST:ENGINE_API_PORT."""
+    import engine.actors  # noqa: F401  (registers every actor, so that jobs can be submitted by name)
+
+    from api import serve
+
+    from .logging import setup_logging
+
+    overrides = {"api_host": args.host, "api_port": args.port}
+    settings = get_settings().model_copy(update={name: value for name, value in overrides.items() if value is not None})
+    setup_logging(settings)
+    try:
+        return serve(settings)
+    except OSError as error:  # the port is taken, the address is not this host's
+        raise EngineError(f"cannot listen on {settings.api_host}:{settings.api_port}: {error.strerror or error}") from None
 
 
 def db_upgrade(args: argparse.Namespace) -> int:
@@ -114,7 +145,7 @@ def submit(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(job.to_dict())
     else:
-        console.print(f"{job.id} {_styled(job.state)}")
+        _print_line(f"{job.id} {_styled(job.state)}")
     return watch_job(job.id) if args.wait else 0
 
 
@@ -126,23 +157,23 @@ def status(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({**job.to_dict(), "attempts_detail": [attempt.to_dict() for attempt in trail]})
         return 0
-    console.print(f"[bold]{job.id}[/bold]  {job.actor}  {_styled(job.state)}")
-    console.print(f"  created {job.to_dict()['created_at']}  attempts {job.attempts}")
+    _print_line(f"[bold]{job.id}[/bold]  {job.actor}  {_styled(job.state)}")
+    _print_line(f"  created {job.to_dict()['created_at']}  attempts {job.attempts}")
     if job.schedule is not None:
-        console.print(f"  schedule {job.schedule}  fire time {job.to_dict()['fire_time'] or 'none (run now)'}")
+        _print_line(f"  schedule {job.schedule}  fire time {job.to_dict()['fire_time'] or 'none (run now)'}")
     if job.progress_percent is not None:
-        console.print(f"  progress {job.progress_percent:.0f}% {job.progress_message or ''}")
+        _print_line(f"  progress {job.progress_percent:.0f}% {escape(job.progress_message or '')}")
     if job.last_error:
-        console.print(f"  last error: {job.last_error}", highlight=False)
+        _print_line(f"  last error: {job.last_error}", markup=False)
     if trail:
-        table = Table("#", "outcome", "worker", "started", "duration", "error")
+        table = _table("#", "outcome", "worker", "started", "duration", "error")
         for attempt in trail:
             row = attempt.to_dict()
             duration = f"{attempt.duration_ms:.0f} ms" if attempt.duration_ms is not None else ""
             worker_name = f"{attempt.worker_host}:{attempt.worker_pid}"
-            error = f"{attempt.error_type}: {attempt.error_message}" if attempt.error_type else ""
+            error = escape(f"{attempt.error_type}: {attempt.error_message}") if attempt.error_type else ""
             table.add_row(str(attempt.number), attempt.outcome or "running", worker_name, row["started_at"], duration, error)
-        console.print(table)
+        _print_table(table)
     return 0
 
 
@@ -167,7 +198,7 @@ def watch_job(job_id: str, *, interval: float = 0.5) -> int:
                     bar.update(task, completed=100)
                 break
             time.sleep(interval)
-    console.print(f"{job.id} {_styled(job.state)}" + (f": {job.last_error}" if job.last_error and job.state != JobState.SUCCEEDED else ""))
+    _print_line(f"{job.id} {_styled(job.state)}" + (f": {escape(job.last_error)}" if job.last_error and job.state != JobState.SUCCEEDED else ""))
     return 0 if job.state == JobState.SUCCEEDED else 1
 
 
@@ -179,14 +210,13 @@ def jobs(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"jobs": [job.to_dict() for job in page.jobs], "next_cursor": page.next_cursor})
         return 0
-    table = Table("actor", "state", "attempts", "progress", "created")
-    table.columns.insert(0, Column("id", no_wrap=True, min_width=36))  # users copy ids whole
+    table = _table("id", "actor", "state", "attempts", "progress", "created")
     for job in page.jobs:
         percent = f"{job.progress_percent:.0f}%" if job.progress_percent is not None else ""
         table.add_row(job.id, job.actor, _styled(job.state), str(job.attempts), percent, job.to_dict()["created_at"])
-    console.print(table)
+    _print_table(table)
     if page.next_cursor:
-        console.print(f"more: engine jobs --cursor {page.next_cursor}")
+        _print_line(f"more: engine jobs --cursor {page.next_cursor}", markup=False)
     return 0
 
 
@@ -197,7 +227,7 @@ def retry(args: argparse.Namespace) -> int:
     from .client import retry as retry_job
 
     job = retry_job(args.id)
-    console.print(f"{job.id} {_styled(job.state)}")
+    _print_line(f"{job.id} {_styled(job.state)}")
     return 0
 
 
@@ -215,7 +245,7 @@ def cancel(args: argparse.Namespace) -> int:
         CancelOutcome.REQUESTED: ": cancel requested, its worker is stopping it (engine status shows when)",
         CancelOutcome.ALREADY_FINISHED: ": already finished, nothing to cancel",
     }
-    console.print(f"{done.job.id} {_styled(done.job.state)}{notes[done.outcome]}", highlight=False)
+    _print_line(f"{done.job.id} {_styled(done.job.state)}{notes[done.outcome]}")
     return 0
 
 
@@ -224,6 +254,31 @@ def cancel(args: argparse.Namespace) -> int:
 
 def _styled(state: JobState) -> str:
     return f"[{_STATE_STYLES[state]}]{state}[/]"
+
+
+def _print_line(text: str, *, markup: bool = True) -> None:
+    """Print `text` unwrapped: a long line runs on rather than break an id in two."""
+    console.print(text, soft_wrap=True, highlight=False, markup=markup)
+
+
+def _table(*headers: str) -> Table:
+    # Only the widths rich computes can cut a cell: `_print_table` gives it room for all of them.
+    return Table(*(Column(header, overflow="fold") for header in headers))
+
+
+def _print_table(table: Table) -> None:
+    """Print `table` with no cell cut short.
+
+    On a terminal the table is at least as wide as its longest words (ids, states) need,
+    wider than the terminal if it must, and wraps the other cells between words. Piped, it
+    has no borders and one row a line, as wide as its rows.
+    """
+    if not console.is_terminal:
+        table.box, table.pad_edge = None, False
+    needed = Measurement.get(console, console.options.update_width(_UNLIMITED_WIDTH), table)
+    width = max(console.width, needed.minimum) if console.is_terminal else needed.maximum
+    # Console.print caps its width at the terminal's; a console of the needed width does not.
+    Console(width=width, color_system=console.color_system, force_terminal=console.is_terminal).print(table)
 
 
 def _print_json(data: Any) -> None:
@@ -258,6 +313,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--processes", "-p", type=int, help="worker processes (ENGINE_WORKER_PROCESSES)")
         sub.add_argument("--threads", "-t", type=int, help="threads per process (ENGINE_WORKER_THREADS)")
         sub.add_argument("--queues", "-Q", nargs="*", help="only these queues (default: all)")
+
+    sub = command("api", api)
+    sub.add_argument("--host", help="address to bind (ENGINE_API_HOST, default 127.0.0.1)")
+    sub.add_argument("--port", type=int, help="port (ENGINE_API_PORT, default 8080)")
 
     db = commands.add_parser("db", help="manage the job store's schema")
     db_commands = db.add_subparsers(required=True, metavar="ACTION")

@@ -14,11 +14,11 @@ from typing import Any, Optional, Union
 
 from dramatiq.errors import ActorNotFound
 
-from .broker import MAX_PRIORITY, get_broker, get_store
-from .brokers.rabbitmq import sending_now
+from .app import MAX_PRIORITY, get_broker, get_store
 from .errors import DuplicateJob, EngineError, ResultNotReady, UnknownActor
 from .job import Attempt, Job, JobState
 from .middleware.cancellation import Cancellation
+from .tracked_broker import TrackedBroker, sending_now
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,31 @@ def submit(
       Job: the job as recorded (state `queued`, or `scheduled` when delayed).
 
     Raises:
-      UnknownActor, ArgumentsNotSerializable, EngineError (bad delay or priority),
-      TrackingError (the store is unreachable; nothing was enqueued).
+      UnknownActor, InvalidArguments (they do not fit the actor), ArgumentsNotSerializable,
+      EngineError (bad delay or priority), TrackingError (the store is unreachable; nothing
+      was enqueued).
+    """
+    job, _ = submit_call(actor_name, args, kwargs, idempotency_key=idempotency_key, delay=delay, priority=priority)
+    return job
+
+
+def submit_call(
+    actor_name: str,
+    args: Union[list[Any], tuple[Any, ...]],
+    kwargs: dict[str, Any],
+    *,
+    idempotency_key: Optional[str] = None,
+    delay: Union[float, timedelta, None] = None,
+    priority: Optional[int] = None,
+) -> tuple[Job, bool]:
+    """`submit` with the actor's arguments apart from the options, so that an actor may have a
+    parameter named `priority` or `delay` (the HTTP API submits this way).
+
+    Returns:
+      (Job, bool): the job, and whether it is new (False: the idempotency key's first job).
+
+    Raises:
+      As `submit`.
     """
     broker, store = get_broker(), get_store()
     try:
@@ -62,7 +85,7 @@ def submit(
     if idempotency_key is not None:
         existing = store.find_by_idempotency_key(idempotency_key)
         if existing is not None:
-            return existing
+            return existing, False
     options: dict[str, Any] = {"delay": _delay_ms(delay)}
     if idempotency_key is not None:
         options["idempotency_key"] = idempotency_key
@@ -72,10 +95,10 @@ def submit(
         options["broker_priority"] = priority
     try:
         with sending_now():  # the job returned is one RabbitMQ has
-            message = actor.send_with_options(args=args, kwargs=kwargs, **options)
+            message = actor.send_with_options(args=tuple(args), kwargs=kwargs, **options)
     except DuplicateJob:  # another process submitted the same key between our lookup and insert
-        return store.find_by_idempotency_key(idempotency_key)  # type: ignore[arg-type, return-value]
-    return store.get(message.message_id)
+        return store.find_by_idempotency_key(idempotency_key), False  # type: ignore[arg-type, return-value]
+    return store.get(message.message_id), True
 
 
 def get(job_id: str) -> Job:
@@ -227,16 +250,16 @@ def flush(timeout: Optional[float] = None) -> None:
         `failed`, and `retry` sends it again. Each is reported once.
       TimeoutError: some are still being sent after `timeout` seconds.
     """
-    wait_sent = getattr(get_broker(), "wait_sent", None)
-    if wait_sent is not None:
-        wait_sent(timeout)
+    broker = get_broker()
+    if isinstance(broker, TrackedBroker):
+        broker.wait_sent(timeout)
 
 
 def _read_own_sends(job_id: Optional[str] = None) -> None:
     """Let a read see this process's own sends that are still on their way (see `flush`)."""
-    settle = getattr(get_broker(), "settle_sends", None)
-    if settle is not None:
-        settle(job_id)
+    broker = get_broker()
+    if isinstance(broker, TrackedBroker):
+        broker.settle_sends(job_id)
 
 
 def _delay_ms(delay: Union[float, timedelta, None]) -> Optional[int]:

@@ -63,6 +63,25 @@ class UnknownActor(EngineError):
         self.actor_name = actor_name
 
 
+class InvalidArguments(EngineError, MiddlewareError):
+    """A job's arguments do not fit its actor's signature: one missing or unexpected, or a
+    value that contradicts a type hint. Nothing was enqueued.
+
+    It is a MiddlewareError so that Dramatiq lets it abort `broker.enqueue`.
+
+    Attributes:
+      actor_name(str): the actor.
+      problems(list[tuple[str, str]]): (where, what) for each argument at fault; where is
+        ``args.<index>`` or ``kwargs.<name>`` as the caller passed it, or the parameter's name.
+    """
+
+    def __init__(self, actor_name: str, problems: list[tuple[str, str]]) -> None:
+        listed = "; ".join(f"{where}: {what}" for where, what in problems)
+        super().__init__(f"arguments do not fit actor {actor_name!r}, nothing was enqueued: {listed}")
+        self.actor_name = actor_name
+        self.problems = problems
+
+
 class ResultTooLarge(EngineError):
     """An actor returned a result bigger than ENGINE_RESULT_MAX_BYTES; the job fails with it."""
 

@@ -138,3 +138,20 @@ class Attempt:
         data["started_at"] = _iso(self.started_at)
         data["finished_at"] = _iso(self.finished_at)
         return data
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One worker process as its heartbeats tell: alive while they keep coming."""
+
+    id: str
+    host: str
+    pid: int
+    started_at: float
+    heartbeat_at: float
+    stopped_at: Optional[float]  # a graceful stop, or its death seen by the supervisor
+    running_jobs: list[str]  # ids of the jobs it runs now
+
+    def alive(self, *, now: float, dead_after_s: float) -> bool:
+        """Whether it runs: not stopped, and heard from within `dead_after_s`."""
+        return self.stopped_at is None and now - self.heartbeat_at < dead_after_s

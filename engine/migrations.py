@@ -88,6 +88,11 @@ def _add_schedules(connection: Connection) -> None:
     connection.execute(schedule_versions.insert().values(version=0))
 
 
+def _add_queue_listing(connection: Connection) -> None:
+    """The HTTP API lists a queue's jobs newest first, like a state's or an actor's."""
+    connection.execute(text("CREATE INDEX IF NOT EXISTS ix_jobs_queue_created ON jobs (queue, created_at, id)"))
+
+
 #: Migrations from older schemas, oldest first. Version 1 is the first released schema.
 MIGRATIONS: list[Migration] = [
     Migration(2, "worker heartbeats and durable cancel requests", _add_liveness_and_cancellation),
@@ -96,6 +101,7 @@ MIGRATIONS: list[Migration] = [
     Migration(5, "lighter job indexes", _lighten_job_indexes),
     Migration(6, "an attempt's row written once, when it ends", _move_open_attempts_to_jobs),
     Migration(7, "cron schedules and their fire ledger", _add_schedules),
+    Migration(8, "an index for listing a queue's jobs", _add_queue_listing),
 ]
 
 LATEST = MIGRATIONS[-1].version if MIGRATIONS else 1

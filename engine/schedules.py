@@ -16,7 +16,7 @@ from dramatiq.errors import ActorNotFound
 from scheduler.definition import InvalidSchedule, Misfire, Origin, Schedule, ScheduleNotFound
 from scheduler.ledger import Fire, FireOutcome, Ledger, StoredSchedule
 
-from .broker import get_broker, get_store
+from .app import get_broker, get_store
 from .client import _read_own_sends
 from .errors import UnknownActor
 from .job import Job

@@ -79,6 +79,7 @@ jobs = Table(
     Index("ix_jobs_created", "created_at", "id"),
     Index("ix_jobs_state_created", "state", "created_at", "id"),
     Index("ix_jobs_actor_created", "actor", "created_at", "id"),
+    Index("ix_jobs_queue_created", "queue", "created_at", "id"),
     # Retention purges by age through the created_at indexes. An index on finished_at would
     # cost every job two entries: an update that changes an indexed column (each start and
     # end changes `state`) adds the new row version to every index on PostgreSQL.

@@ -34,8 +34,16 @@ class Settings(BaseSettings):
     )
     store_url: str = Field(default="sqlite:///engine.db", description="sqlite:///path or postgresql://...")
     api_host: str = "127.0.0.1"
-    api_port: int = Field(default=8080, ge=1, le=65535)
-    api_token: Optional[SecretStr] = None
+    api_port: int = Field(default=8080, ge=0, le=65535, description="0: any free port")
+    api_token: Optional[SecretStr] = Field(default=None, description="when set, every /api route needs it as a bearer token")
+    api_max_body_bytes: int = Field(default=1024 * 1024, ge=1, description="larger request bodies are refused (413)")
+    api_header_timeout_s: float = Field(
+        default=10.0, gt=0, description="a client must send a request's line and headers within this; idle keep-alive too"
+    )
+    api_read_timeout_s: float = Field(default=30.0, gt=0, description="a client must send a request's body within this")
+    api_max_connections: int = Field(
+        default=256, ge=1, description="open connections the API serves at once (a thread each); more are refused"
+    )
     actor_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
     schedules_file: Optional[Path] = Field(default=None, description="TOML file of cron schedules, applied at start")
     retention_days: float = Field(
@@ -75,6 +83,9 @@ class Settings(BaseSettings):
     )
     cancel_check_interval_s: float = Field(
         default=1.0, gt=0, description="how often workers look in the store for cancel requests they missed"
+    )
+    progress_interval_s: float = Field(
+        default=0.5, ge=0, description="how often a job's progress is written, at most; its last value always is"
     )
 
     broker_pool_size: int = Field(default=8, ge=1, description="RabbitMQ connections shared by sending threads")

@@ -22,7 +22,7 @@ from sqlalchemy.pool import NullPool
 
 from . import migrations
 from .errors import DuplicateJob, EngineError, InvalidJobState, JobNotFound
-from .job import FINISHED_STATES, REENQUEUE_TRANSITIONS, TRANSITIONS, Attempt, Job, JobState, Outcome
+from .job import FINISHED_STATES, REENQUEUE_TRANSITIONS, TRANSITIONS, Attempt, Job, JobState, Outcome, Worker
 from .schema import attempts, jobs, workers
 from .writer import GroupCommit
 
@@ -933,21 +933,28 @@ class Store:
         *,
         state: Optional[JobState] = None,
         actor: Optional[str] = None,
+        queue: Optional[str] = None,
         schedule: Optional[str] = None,
         limit: int = 50,
         cursor: Optional[str] = None,
         created_since: Optional[float] = None,
+        created_before: Optional[float] = None,
     ) -> tuple[list[Job], Optional[str]]:
-        """Jobs newest first, optionally filtered; returns the page and the cursor of the next."""
+        """Jobs newest first, optionally filtered (each filter has an index on it and
+        ``created_at``); returns the page and the cursor of the next."""
         query = select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit + 1)
         if state is not None:
             query = query.where(jobs.c.state == state)
         if actor is not None:
             query = query.where(jobs.c.actor == actor)
+        if queue is not None:
+            query = query.where(jobs.c.queue == queue)
         if schedule is not None:
             query = query.where(jobs.c.schedule == schedule)
         if created_since is not None:
             query = query.where(jobs.c.created_at >= created_since)
+        if created_before is not None:
+            query = query.where(jobs.c.created_at < created_before)
         if cursor is not None:
             query = query.where(tuple_(jobs.c.created_at, jobs.c.id) < tuple_(*decode_cursor(cursor)))
         with self.reading() as connection:
@@ -964,6 +971,22 @@ class Store:
         with self.reading() as connection:
             counts = dict(connection.execute(query).all())
         return {state: counts.get(state, 0) for state in JobState}
+
+    def list_workers(self, *, seen_since: float) -> list[Worker]:
+        """Worker processes whose last heartbeat is at or after `seen_since`, live or not,
+        newest start first, each with the jobs it is running."""
+        query = select(workers).where(workers.c.heartbeat_at >= seen_since).order_by(workers.c.started_at.desc())
+        running = select(jobs.c.attempt_worker_id, jobs.c.id).where(jobs.c.state == JobState.RUNNING)
+        with self.reading() as connection:
+            rows = connection.execute(query).all()
+            jobs_of: dict[str, list[str]] = {}
+            for worker_id, job_id in connection.execute(running):
+                jobs_of.setdefault(worker_id, []).append(job_id)
+        return [
+            Worker(id=row.id, host=row.host, pid=row.pid, started_at=row.started_at, heartbeat_at=row.heartbeat_at,
+                   stopped_at=row.stopped_at, running_jobs=sorted(jobs_of.get(row.id, [])))  # fmt: skip
+            for row in rows
+        ]
 
     # -- cancellation --------------------------------------------------------------------------
 

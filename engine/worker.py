@@ -13,7 +13,6 @@ left to the supervisor, which turns a Ctrl-C into a SIGTERM to each worker.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib
 import os
 import select
@@ -26,6 +25,7 @@ from dramatiq import Worker
 from loguru import logger
 
 from .errors import ConfigError
+from .lifetime import die_with_parent
 from .logging import setup_logging
 from .settings import get_settings
 
@@ -36,9 +36,6 @@ EXIT_CONFIG = 2
 #: Exit code after a second SIGTERM (jobs still running were abandoned), or when the
 #: supervisor that started the process was gone before the process could bind to it.
 EXIT_KILLED = 1
-
-#: From <linux/prctl.h>: the signal the kernel sends this process when its parent dies.
-PR_SET_PDEATHSIG = 1
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -52,7 +49,7 @@ def main(argv: Optional[list[str]] = None) -> int:
       `EXIT_KILLED` when the supervisor was already gone.
     """
     args = _parse_args(argv)
-    if args.parent_pid is not None and not _bind_to_parent(args.parent_pid):
+    if args.parent_pid is not None and not die_with_parent(args.parent_pid):
         return EXIT_KILLED
     if args.cpu is not None:
         _pin_to(args.cpu)
@@ -64,7 +61,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as error:
         return _config_error(str(error))
     except ImportError as error:
-        return _config_error(f"cannot import the actors: {error}{_actor_modules_hint(error)}")
+        return _config_error(f"cannot import the actors: {error}")
 
     broker.emit_after("process_boot")
     worker = Worker(broker, queues=args.queues, worker_threads=args.threads or settings.worker_threads)
@@ -94,22 +91,6 @@ def _names(value: str) -> list[str]:
     return [name for name in value.split(",") if name]
 
 
-def _bind_to_parent(parent_pid: int) -> bool:
-    """Have the kernel SIGKILL this process when its parent dies.
-
-    The parent may have died before the request took effect, leaving this process adopted by
-    another; the parent pid check after it closes that race.
-
-    Returns:
-      bool: False if the parent is gone already.
-    """
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    return os.getppid() == parent_pid
-
-
 def _pin_to(cpu: int) -> None:
     """Run this process on `cpu` alone: called before any thread starts, so each inherits it."""
     try:
@@ -123,11 +104,6 @@ def _config_error(message: str) -> int:
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     print(f"engine worker: {' '.join(lines)}", file=sys.stderr, flush=True)
     return EXIT_CONFIG
-
-
-def _actor_modules_hint(error: ImportError) -> str:
-    modules = get_settings().actor_modules
-    return f" (ENGINE_ACTOR_MODULES={','.join(modules)})" if error.name in modules else ""
 
 
 class _StopSignals:

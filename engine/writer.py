@@ -33,6 +33,8 @@ from loguru import logger
 from sqlalchemy import Connection
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from .backoff import Backoff
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -52,7 +54,8 @@ GATHER_MAX_S = 1e-3
 #: a batch is taken).
 ROOM_POLL_S = 0.05
 
-#: The longest pause between two tries of a batch while the database is unreachable.
+#: The first and the longest pause between two tries of a batch while the database is unreachable.
+OUTAGE_FIRST_PAUSE_S = 0.1
 OUTAGE_MAX_PAUSE_S = 5.0
 
 #: Errors that mean the database cannot be reached (or is locked), not that a write is wrong.
@@ -374,7 +377,7 @@ class _Writer:
         self.disconnect(broken=False)
 
     def commit(self, batch: list[_Write]) -> None:
-        pause = 0.1
+        backoff = Backoff(OUTAGE_FIRST_PAUSE_S, OUTAGE_MAX_PAUSE_S)
         while batch:
             try:
                 results = self._apply(batch)
@@ -385,9 +388,8 @@ class _Writer:
                         write.future.set_exception(error)
                 batch = [write for write in batch if write.patient]
                 if batch:
-                    logger.warning("The store is unreachable ({}); retrying in {:.1f} s.", type(error).__name__, pause)
-                    time.sleep(pause)
-                    pause = min(pause * 2, OUTAGE_MAX_PAUSE_S)
+                    logger.warning("The store is unreachable ({}); retrying in {:.1f} s.", type(error).__name__, backoff.next_s)
+                    backoff.pause()
                 continue
             except Exception as error:
                 if len(batch) == 1:

@@ -14,11 +14,12 @@ from typing import Optional
 
 from loguru import logger
 
-from engine.broker import get_store
+from engine.app import get_store
 from engine.errors import ConfigError
 from engine.logging import setup_logging
 from engine.settings import Settings, get_settings
-from engine.worker import EXIT_CONFIG, EXIT_KILLED, _bind_to_parent, _config_error, _StopSignals
+from engine.lifetime import die_with_parent
+from engine.worker import EXIT_CONFIG, EXIT_KILLED, _config_error, _StopSignals
 
 from .definition import Origin, Schedule
 from .file import apply_schedules, read_schedules_file
@@ -65,7 +66,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scheduler", description="Run one scheduler process.")
     parser.add_argument("--parent-pid", type=int, help="the supervisor's pid: exit when it dies")
     args = parser.parse_args(argv)
-    if args.parent_pid is not None and not _bind_to_parent(args.parent_pid):
+    if args.parent_pid is not None and not die_with_parent(args.parent_pid):
         return EXIT_KILLED
     stop = _StopSignals(supervised=args.parent_pid is not None)
     try:

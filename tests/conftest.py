@@ -11,8 +11,8 @@ import pytest
 from dramatiq import Worker
 from dramatiq.brokers.stub import StubBroker
 
-import engine.broker
-from engine.broker import build_middleware
+import engine.app
+from engine.app import build_middleware
 from engine.settings import Settings
 from engine.store import Store
 
@@ -35,11 +35,11 @@ def stub_broker(settings, store):
     """The engine's middleware on Dramatiq's StubBroker, made the engine's broker."""
     broker = StubBroker(middleware=build_middleware(settings, store))
     broker.emit_after("process_boot")
-    engine.broker.use(broker)
+    engine.app.use(broker, store)
     yield broker
     broker.flush_all()
     broker.close()
-    engine.broker._broker = None
+    engine.app._broker = None
     dramatiq.set_broker(None)
 
 

@@ -4,10 +4,36 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import re
+import signal
 import subprocess
 import sys
+from contextlib import suppress
+from pathlib import Path
+from typing import Iterator
 
 import pytest
+
+from tests.support.processes import run_process, start_process
+
+#: The console script a user runs, not ``python -m engine.cli`` (which puts the cwd on sys.path).
+ENGINE = str(Path(sys.executable).with_name("engine"))
+
+#: A user's own module, in the directory where they run `engine`.
+USER_JOBS = """
+import engine
+
+
+@engine.actor
+def greet(name):
+    return f"hello {name}"
+
+
+@engine.actor
+def refuse(name):
+    raise engine.PermanentError(f"[{name}] is not welcome")  # brackets, as rich markup has
+"""
 
 
 @pytest.fixture
@@ -17,7 +43,7 @@ def run_cli(tmp_path):
     env["PYTHONPATH"] = os.getcwd()
 
     def run(*args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
+        return run_process(
             [sys.executable, "-m", "engine.cli", *args],
             env={**env, **extra_env},
             cwd=tmp_path,
@@ -70,3 +96,141 @@ def test_bad_input_loses_no_other_job(run_cli):
     run_cli("submit", "echo", "--kwarg", "x")
 
     assert [j["id"] for j in json.loads(run_cli("jobs", "--json").stdout)["jobs"]] == [kept["id"]]
+
+
+# -- a user's project: its own modules, no PYTHONPATH ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A directory holding the user's package ``myapp``: a module of actors and a broken one."""
+    root = tmp_path_factory.mktemp("project")
+    (root / "myapp").mkdir()
+    (root / "myapp" / "__init__.py").write_text("")
+    (root / "myapp" / "jobs.py").write_text(USER_JOBS)
+    (root / "myapp" / "broken.py").write_text("raise RuntimeError('no database configured')\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def project_env(project) -> dict[str, str]:
+    env = {name: value for name, value in os.environ.items() if not name.startswith("ENGINE_")}
+    env.pop("PYTHONPATH", None)
+    return {**env, "ENGINE_STORE_URL": f"sqlite:///{project}/engine.db", "ENGINE_ACTOR_MODULES": "myapp.jobs"}
+
+
+def engine_in(project: Path, env: dict[str, str], *args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    """Run the `engine` console script in `project`, its output piped."""
+    return run_process(
+        [ENGINE, *args], env={**env, **extra_env}, cwd=project, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.fixture(scope="module")
+def running_engine(project, project_env) -> Iterator[None]:
+    """``engine run`` in the project directory, for the module's tests; stopped after them."""
+    assert engine_in(project, project_env, "db", "upgrade").returncode == 0
+    with open(project / "engine.log", "ab") as log:
+        engine = start_process(
+            [ENGINE, "run", "--processes", "1", "--threads", "2"],
+            env=project_env,
+            cwd=project,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    yield
+    engine.terminate()
+    try:
+        engine.wait(timeout=30)
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(engine.pid, signal.SIGKILL)
+        engine.wait()
+
+
+@pytest.fixture(scope="module")
+def finished_jobs(project, project_env, running_engine) -> dict[str, str]:
+    """The ids of a succeeded and a failed job of the user's actors, by state."""
+    ids = {}
+    for actor, state in (("greet", "succeeded"), ("refuse", "failed")):
+        done = engine_in(project, project_env, "submit", actor, "bob", "--wait")
+        assert state in done.stdout, done.stdout + done.stderr
+        ids[state] = done.stdout.split()[0]  # "<id> queued", then the progress bar
+    return ids
+
+
+def test_submit_finds_the_users_module_in_the_current_directory(project, project_env, running_engine):
+    done = engine_in(project, project_env, "submit", "greet", "alice", "--wait")
+
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.split()[0]
+    status = json.loads(engine_in(project, project_env, "status", job_id, "--json").stdout)
+    assert status["state"] == "succeeded" and status["actor"] == "greet"
+
+
+@pytest.mark.parametrize(
+    ("module", "reason"),
+    [
+        ("myapp.broken", "RuntimeError: no database configured"),
+        ("myapp.missing", "ModuleNotFoundError: No module named 'myapp.missing'"),
+    ],
+)
+def test_an_actor_module_that_does_not_import_is_one_line_naming_it(project, project_env, running_engine, module, reason):
+    done = engine_in(project, project_env, "submit", "greet", "alice", ENGINE_ACTOR_MODULES=module)
+
+    assert done.returncode == 2
+    [line] = done.stderr.splitlines()
+    assert line.startswith("error: cannot import actor module") and repr(module) in line and reason in line
+
+
+def _without_styles(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+
+
+def in_terminal(project: Path, env: dict[str, str], *args: str, columns: int) -> str:
+    """The output of `engine` run on a terminal `columns` wide, without its colours."""
+    leader, follower = pty.openpty()
+    try:
+        done = run_process(
+            [ENGINE, *args],
+            env={**env, "COLUMNS": str(columns)},
+            cwd=project,
+            stdin=subprocess.DEVNULL,
+            stdout=follower,
+            stderr=subprocess.PIPE,
+            timeout=60,
+        )
+        os.close(follower)
+        assert done.returncode == 0, done.stderr
+        output = b""
+        with suppress(OSError):  # EIO once the terminal's other end is closed and read
+            while chunk := os.read(leader, 65536):
+                output += chunk
+    finally:
+        os.close(leader)
+    return _without_styles(output.decode())
+
+
+@pytest.mark.parametrize("command", ["jobs", "status"])
+@pytest.mark.parametrize("where", ["piped", "terminal"])
+def test_ids_and_states_are_never_cut_however_narrow_the_output(project, project_env, finished_jobs, command, where):
+    outputs = []
+    for state, job_id in finished_jobs.items():
+        args = ["jobs", "--status", state] if command == "jobs" else ["status", job_id]
+        if where == "piped":
+            done = engine_in(project, project_env, *args, COLUMNS="30")
+            assert done.returncode == 0, done.stderr
+            output = done.stdout
+        else:
+            output = in_terminal(project, project_env, *args, columns=30)
+        outputs.append(output)
+
+        assert job_id in output and state in output, output
+        assert "…" not in output, output
+        if command == "status" and state == "failed":
+            assert "[bob]" in output, output  # the error's text, not taken for markup
+    if where == "piped":
+        # One row a line, with no borders, for grep and awk.
+        rows = [line.split() for line in outputs[0].splitlines() if finished_jobs["succeeded"] in line]
+        assert rows and rows[0][0] == finished_jobs["succeeded"], outputs[0]

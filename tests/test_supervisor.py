@@ -21,12 +21,12 @@ import psutil
 import pytest
 
 import engine
-import engine.broker
+import engine.app
 import engine.settings
 from engine import JobState
 from engine.supervisor import cpus_to_pin
 from engine.worker import EXIT_CONFIG, EXIT_KILLED
-from tests.support.processes import point_engine_at, wait_for
+from tests.support.processes import point_engine_at, run_process, start_process, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SUPERVISOR = (
@@ -52,7 +52,7 @@ class SupervisorProcess:
     def __init__(self, env: dict[str, str], cwd: Path, processes: int) -> None:
         self.log_path = cwd / "supervisor.log"
         self.log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(
+        self.process = start_process(
             [sys.executable, "-c", SUPERVISOR.format(processes=processes)],
             env=env,
             cwd=cwd,
@@ -130,7 +130,7 @@ def client(monkeypatch, tmp_path, engine_env) -> Iterator[None]:
     point_engine_at(engine_env, monkeypatch)
     yield
     engine.get_broker().close()
-    engine.broker._broker = None
+    engine.app._broker = None
     dramatiq.set_broker(None)
     engine.settings.get_settings.cache_clear()
 
@@ -199,7 +199,7 @@ def test_workers_die_with_their_supervisor_even_when_it_is_killed(start_supervis
 def test_a_worker_whose_supervisor_is_already_gone_exits_at_once(engine_env, tmp_path):
     # Its parent is this process, not the pid it was told: the supervisor died before the
     # worker could ask to die with it.
-    done = subprocess.run(
+    done = run_process(
         [sys.executable, "-m", "engine.worker", "--threads", "1", "--parent-pid", "1"],
         env=process_env(engine_env),
         cwd=tmp_path,
@@ -269,7 +269,7 @@ def test_a_worker_that_cannot_start_as_configured_stops_the_supervisor(start_sup
 
 
 def test_a_malformed_setting_is_reported_in_one_line(engine_env, tmp_path):
-    done = subprocess.run(
+    done = run_process(
         [sys.executable, "-m", "engine.worker", "--threads", "1"],
         env=process_env(engine_env, ENGINE_BROKER_URL="http://nope"),
         cwd=tmp_path,

@@ -4,7 +4,7 @@ Dramatiq's broker calls every hook of every middleware for each signal: with the
 middleware, a job costs some fifty calls of `Middleware`'s empty hooks (``before_ack`` of
 CurrentMessage, ``after_enqueue`` of AgeLimit...), each found by ``getattr``. `HookDispatch`
 calls only the middleware whose class overrides the hook, in Dramatiq's order, with Dramatiq's
-error handling. In a drain of no-op jobs on RabbitMQ, that saved 7 % of the workers' CPU.
+error handling: a job then costs only the calls of the hooks that do something.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class HookDispatch:
     """
 
     middleware: list[Middleware]
-    logger: Any
+    logger: Any  # Dramatiq's, whose error handling this keeps
 
     def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
         name = "before_" + signal

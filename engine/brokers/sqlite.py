@@ -10,7 +10,7 @@ consume from the same file.
   the row is claimed again and delivered with ``redelivered`` set.
 - Idle consumers sleep on a Unix datagram socket in ``<database>.wake/``; an enqueue sends each of
   those sockets a byte once it has committed, so a message sent from any process is picked up at
-  once. A slow poll (`POLL_INTERVAL`) remains for expired leases and lost wake-ups.
+  once. A slow poll (`POLL_INTERVAL_S`) remains for expired leases and lost wake-ups.
 """
 
 from __future__ import annotations
@@ -31,23 +31,25 @@ from dramatiq.errors import BrokerConnectionError, DecodeError, QueueJoinTimeout
 from dramatiq.logging import get_logger
 from dramatiq.message import Message
 from dramatiq.middleware import Middleware
+from loguru import logger
 from sqlalchemy import Connection, Executable, Row, and_, case, delete, func, or_, select, update
 from sqlalchemy.exc import OperationalError
 
 from ..schema import messages
 from ..store import Store
-from ..writer import Apply
+from ..tracked_broker import TrackedBroker
+from ..writer import Apply, Pending
 from .hooks import HookDispatch
 
 #: The longest an idle consumer sleeps without looking at its queue. It bounds how late an
 #: expired lease is noticed, and the cost of a lost wake-up.
-POLL_INTERVAL = 1.0
+POLL_INTERVAL_S = 1.0
 
 #: How often `SQLiteBroker.join` looks at the queue.
-JOIN_INTERVAL = 0.05
+JOIN_INTERVAL_S = 0.05
 
 
-class SQLiteBroker(HookDispatch, Broker):
+class SQLiteBroker(HookDispatch, TrackedBroker, Broker):
     """A broker whose queues live in the store's SQLite database.
 
     Messages are delivered by ``broker_priority`` (higher first, as with RabbitMQ), then by due
@@ -56,7 +58,7 @@ class SQLiteBroker(HookDispatch, Broker):
     Parameters:
       store(Store): the store whose SQLite file holds the messages.
       middleware(list[Middleware]): See :class:`Broker<dramatiq.Broker>`.
-      lease_seconds(float): how long a claimed message stays invisible to other consumers
+      lease_s(float): how long a claimed message stays invisible to other consumers
         without renewal. Leases are renewed every third of it, so the messages of a process
         that dies are redelivered at most this long after it died.
 
@@ -64,11 +66,9 @@ class SQLiteBroker(HookDispatch, Broker):
       ValueError: if the store is not in a SQLite file, the one thing its processes share.
     """
 
-    #: Acks and nacks go through the store's writer after Tracking's record of the job's end.
-    settles_when_recorded = True
 
     def __init__(
-        self, store: Store, *, middleware: Optional[list[Middleware]] = None, lease_seconds: float = 15.0
+        self, store: Store, *, middleware: Optional[list[Middleware]] = None, lease_s: float = 15.0
     ) -> None:
         super().__init__(middleware=middleware)
         database = store.engine.url.database
@@ -77,7 +77,7 @@ class SQLiteBroker(HookDispatch, Broker):
 
         self.logger = get_logger(__name__, type(self))
         self.store = store
-        self.lease_seconds = lease_seconds
+        self.lease_s = lease_s
         self.queues: set[str] = set()
         self.wake_dir = Path(os.path.abspath(database + ".wake"))
         self.leases = _Leases(self)
@@ -133,6 +133,11 @@ class SQLiteBroker(HookDispatch, Broker):
         # Delayed messages too: a consumer sleeping until a later due time must look again.
         self.wake_consumers()
         return message
+
+    def settle_when_recorded(self, message: MessageProxy, recorded: Pending[None]) -> bool:
+        """Acks and nacks go through the store's writer, which commits them after the writes
+        handed to it before: after Tracking's record of the job's end."""
+        return True
 
     def get_declared_queues(self) -> set[str]:
         return self.queues.copy()
@@ -191,7 +196,7 @@ class SQLiteBroker(HookDispatch, Broker):
                     return
             if deadline and time.monotonic() >= deadline:
                 raise QueueJoinTimeout(queue_name)
-            time.sleep(JOIN_INTERVAL)
+            time.sleep(JOIN_INTERVAL_S)
 
     def wake_consumers(self) -> None:
         """Send a byte to the socket of every idle consumer of this database, in any process."""
@@ -211,7 +216,7 @@ class SQLiteBroker(HookDispatch, Broker):
                     # Nobody is bound to it: its process died without removing it.
                     path.unlink(missing_ok=True)
                 except OSError:
-                    self.logger.warning("Failed to wake the consumer at %s.", path, exc_info=True)
+                    logger.opt(exception=True).warning("Failed to wake the consumer at {}.", path)
 
 
 class _Leases:
@@ -248,7 +253,7 @@ class _Leases:
             self.renewer.join()
 
     def _renew_until_closed(self) -> None:
-        while not self.closed.wait(self.broker.lease_seconds / 3):
+        while not self.closed.wait(self.broker.lease_s / 3):
             with self.lock:
                 held = list(self.held)
             if held:
@@ -259,7 +264,7 @@ class _Leases:
         renewal = (
             update(messages)
             .where(messages.c.id.in_(row_ids), messages.c.lease_owner == self.owner)
-            .values(leased_until=time.time() + self.broker.lease_seconds)
+            .values(leased_until=time.time() + self.broker.lease_s)
         )
         try:
             with self.broker.store.transaction() as connection:
@@ -273,7 +278,6 @@ class _SQLiteConsumer(Consumer):
     threads while the consumer thread claims, so the messages it holds are kept under a lock."""
 
     def __init__(self, broker: SQLiteBroker, queue_name: str, prefetch: int, timeout: int) -> None:
-        self.logger = get_logger(__name__, type(self))
         self.broker = broker
         self.queue_name = queue_name
         self.prefetch = prefetch
@@ -341,7 +345,7 @@ class _SQLiteConsumer(Consumer):
             try:
                 message = Message.decode(row.body)
             except DecodeError:
-                self.logger.exception("Failed to decode message row %d; dead-lettering it.", row.id)
+                logger.exception("Failed to decode message row {}; dead-lettering it.", row.id)
                 self._settle([row.id], _dead_letter(row.id))
                 continue
             # A lease owner left on the row is a previous holder that neither settled it nor
@@ -379,7 +383,7 @@ class _SQLiteConsumer(Consumer):
                 connection.execute(
                     update(messages)
                     .where(messages.c.id.in_([row.id for row in rows]))
-                    .values(leased_until=now + self.broker.lease_seconds, lease_owner=leases.owner)
+                    .values(leased_until=now + self.broker.lease_s, lease_owner=leases.owner)
                 )
         with self.settled:
             self.held.update(row.id for row in rows)
@@ -395,7 +399,7 @@ class _SQLiteConsumer(Consumer):
                 # Full: only a worker thread settling a message makes room.
                 self.settled.wait(remaining)
                 return
-        timeout = min(remaining, self._seconds_to_next_eta(), POLL_INTERVAL)
+        timeout = min(remaining, self._seconds_to_next_eta(), POLL_INTERVAL_S)
         if self.doorbell is None:
             time.sleep(max(timeout, 0))
         elif wait_readable([self.doorbell], [], [], max(timeout, 0))[0]:
@@ -414,10 +418,10 @@ class _SQLiteConsumer(Consumer):
         )
         with self.broker.store.reading() as connection:
             eta = connection.execute(next_eta).scalar()
-        return POLL_INTERVAL if eta is None else eta - now
+        return POLL_INTERVAL_S if eta is None else eta - now
 
     def _bind_doorbell(self) -> Optional[socket.socket]:
-        """The socket enqueues ring; None (and a poll every `POLL_INTERVAL`) if it cannot be bound."""
+        """The socket enqueues ring; None (and a poll every `POLL_INTERVAL_S`) if it cannot be bound."""
         path = self.broker.wake_dir / f"{os.getpid()}-{uuid4().hex[:8]}.sock"
         doorbell = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
@@ -425,7 +429,7 @@ class _SQLiteConsumer(Consumer):
             doorbell.bind(str(path))
         except OSError:
             doorbell.close()
-            self.logger.warning("Cannot listen on %s; polling every %.1fs instead.", path, POLL_INTERVAL, exc_info=True)
+            logger.opt(exception=True).warning("Cannot listen on {}; polling every {:.1f} s instead.", path, POLL_INTERVAL_S)
             return None
         doorbell.setblocking(False)
         return doorbell
@@ -452,7 +456,7 @@ class _SQLiteConsumer(Consumer):
 
     def _released(self, row_ids: list[int], error: Optional[BaseException] = None) -> None:
         if error is not None:  # outages are waited out: only a bug gets here
-            self.logger.error("Failed to settle message rows %s: %r; they are delivered again.", row_ids, error)
+            logger.error("Failed to settle message rows {}: {!r}; they are delivered again.", row_ids, error)
         self.broker.leases.release(row_ids)
         with self.settled:
             self.held.difference_update(row_ids)

@@ -14,7 +14,7 @@ The path of a cancel request:
   blocked in C or in a system call (a socket read, ``time.sleep``) stops as soon as it returns
   to Python. `engine.cancel_requested` lets an actor check at points of its choosing.
 - A process that missed the push (cut off from RabbitMQ, say) finds the request in the store:
-  every `check_interval` seconds it asks about the jobs it runs, in one query (none when idle).
+  every `check_interval_s` seconds it asks about the jobs it runs, in one query (none when idle).
 
 The interrupt is raised only while the thread runs the job's own code: each actor's function
 is wrapped when it is declared, and arming the thread on entry, raising into it and disarming it
@@ -47,6 +47,7 @@ from loguru import logger
 from pika.adapters.blocking_connection import BlockingChannel
 from sqlalchemy.exc import SQLAlchemyError
 
+from ..backoff import Backoff
 from ..errors import JobCanceled
 from ..store import Store
 from .tracking import current_attempt
@@ -110,7 +111,7 @@ def cancel_requested() -> bool:
 class Cancellation(Middleware):
     """Interrupts running jobs whose cancel was requested, on whichever worker runs them.
 
-    It comes before Tracking (in `engine.broker.build_middleware`): a job is registered here
+    It comes before Tracking (in `engine.app.build_middleware`): a job is registered here
     before Tracking's start makes it `running`, so that no request is pushed while the job is
     `running` but unknown to its process; a request committed before the start is read by the
     start itself (`AttemptStart.cancel_requested`). Each actor's function is wrapped
@@ -122,14 +123,14 @@ class Cancellation(Middleware):
       broker_url(str): the amqp:// URL of RabbitMQ, whose fanout exchange `EXCHANGE` carries
         requests to workers; None on the embedded broker, where they go through Unix sockets
         in ``<database>.cancel/``.
-      check_interval(float): how often, in seconds, a worker looks in the store for requests
+      check_interval_s(float): how often, in seconds, a worker looks in the store for requests
         on the jobs it runs, in case it missed their push. A thread whose job does not stop is
         interrupted again this often.
     """
 
-    def __init__(self, store: Store, *, broker_url: Optional[str] = None, check_interval: float = 1.0) -> None:
+    def __init__(self, store: Store, *, broker_url: Optional[str] = None, check_interval_s: float = 1.0) -> None:
         self.store = store
-        self.check_interval = check_interval
+        self.check_interval_s = check_interval_s
         self.channel: Optional[_Channel] = _channel_for(store, broker_url)
         self._running: dict[int, _RunningJob] = {}  # by the id of the thread running it
         self._lock = threading.Lock()
@@ -142,7 +143,7 @@ class Cancellation(Middleware):
         """Tell every worker process that the job's cancel was requested.
 
         Call it after the request is committed to the store. If the push fails, the workers
-        still find the request in the store within `check_interval` seconds.
+        still find the request in the store within `check_interval_s` seconds.
         """
         if self.channel is None:
             return
@@ -153,7 +154,7 @@ class Cancellation(Middleware):
                 "Could not push the cancel of job {} to the workers ({!r}); they will find it in the store within {} s.",
                 job_id,
                 error,
-                self.check_interval,
+                self.check_interval_s,
             )
 
     # -- the worker side -------------------------------------------------------------------------
@@ -198,7 +199,7 @@ class Cancellation(Middleware):
         """Raise `JobCanceled` in the thread of this process that runs the job, if one does.
 
         Called with each pushed request and each one found in the store. A thread is
-        interrupted at most once per `check_interval`, so that a job's cleanup code has that
+        interrupted at most once per `check_interval_s`, so that a job's cleanup code has that
         long to run; one whose job goes on running (it swallowed the exception) is interrupted
         again.
 
@@ -215,7 +216,7 @@ class Cancellation(Middleware):
                 found = running.requested = True
                 if not running.armed:
                     continue  # not in the job's code (yet): entering it raises JobCanceled
-                if running.interrupted_at is None or now - running.interrupted_at >= self.check_interval:
+                if running.interrupted_at is None or now - running.interrupted_at >= self.check_interval_s:
                     running.interrupted_at = now
                     raise_thread_exception(thread_id, JobCanceled)
                     interrupted.append(thread_id)
@@ -268,8 +269,8 @@ class Cancellation(Middleware):
                     _withdraw_thread_exception(thread_id)
 
     def _check_store(self) -> None:
-        """Every `check_interval`, interrupt the jobs of this process whose cancel is in the store."""
-        while not self._stopping.wait(self.check_interval):
+        """Every `check_interval_s`, interrupt the jobs of this process whose cancel is in the store."""
+        while not self._stopping.wait(self.check_interval_s):
             with self._lock:
                 job_ids = [running.job_id for running in self._running.values()]
             if not job_ids:
@@ -432,14 +433,13 @@ class _Exchange(_Channel):
             self._thread = None
 
     def _consume(self, on_request: Callable[[str], object]) -> None:
-        pause = RECONNECT_MIN_PAUSE_S
+        backoff = Backoff(RECONNECT_MIN_PAUSE_S, RECONNECT_MAX_PAUSE_S)
         while not self._closing.is_set():
             try:
                 connection = pika.BlockingConnection(self._parameters(f"cancel listener {os.getpid()}"))
             except (pika.exceptions.AMQPError, OSError) as error:
-                logger.warning("Cannot reach RabbitMQ for cancel requests ({!r}); retrying in {:.1f} s.", error, pause)
-                self._closing.wait(pause)
-                pause = min(pause * 2, RECONNECT_MAX_PAUSE_S)
+                logger.warning("Cannot reach RabbitMQ for cancel requests ({!r}); retrying in {:.1f} s.", error, backoff.next_s)
+                backoff.pause(self._closing)
                 continue
             try:
                 channel = connection.channel()
@@ -451,15 +451,14 @@ class _Exchange(_Channel):
                 queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
                 channel.queue_bind(queue, EXCHANGE)
                 channel.basic_consume(queue, lambda _ch, _method, _props, body: _deliver(on_request, body), auto_ack=True)
-                pause = RECONNECT_MIN_PAUSE_S
+                backoff.reset()
                 channel.start_consuming()
             except (pika.exceptions.AMQPError, OSError) as error:
                 if not self._closing.is_set():
                     logger.warning(
                         "Lost RabbitMQ for cancel requests ({!r}); the store check stands in until it is back.", error
                     )
-                    self._closing.wait(pause)
-                    pause = min(pause * 2, RECONNECT_MAX_PAUSE_S)
+                    backoff.pause(self._closing)
             finally:
                 with self._lock:
                     self._consuming = None

@@ -12,8 +12,8 @@ process killed in between (SIGKILL, the OOM killer, a crash) leaves its job `que
   falls due.
 
 `older_than_s` is well past the time a live sender keeps trying (``ENGINE_SEND_BEHIND_TIMEOUT_S``,
-after which it fails the job itself). One of them looks at a time (`Store.lead`: a look may read
-every queued job, which N processes need not each do), and a job found is claimed in the store.
+after which it fails the job itself). One of them looks at a time (the store's lock
+`RESEND_LOCK`: a look may read every queued job, which N processes need not each do), and a job found is claimed in the store.
 Should its message exist after all (delivered to a worker that has not started it yet), the job
 still runs once: Tracking skips the second delivery.
 """
@@ -27,13 +27,12 @@ from dramatiq.errors import ConnectionClosed
 from loguru import logger
 from sqlalchemy.exc import SQLAlchemyError
 
-from ..brokers.rabbitmq import RabbitmqBroker, sending_now
 from ..errors import EngineError
 from ..store import Store
+from ..tracked_broker import TrackedBroker, sending_now
 
-
-#: The name of the lock the worker process that looks holds (see `Store.lead`).
-LEAD = "engine.resend"
+#: The name of the store's lock that the worker process that looks holds (see `Store.lead`).
+RESEND_LOCK = "engine.resend"
 
 
 class Resend(Middleware):
@@ -52,21 +51,23 @@ class Resend(Middleware):
         self._stopped = threading.Event()
 
     def after_worker_boot(self, broker: Broker, worker: Worker) -> None:
-        if isinstance(broker, RabbitmqBroker):  # the embedded broker commits row and message together
+        # A broker that commits a job's row and its message together (the embedded one) never
+        # leaves a job without a message.
+        if isinstance(broker, TrackedBroker) and broker.sends_behind:
             self._stopped.clear()
             threading.Thread(target=self._resend_until_stopped, args=(broker,), name="resend", daemon=True).start()
 
     def after_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
         self._stopped.set()
 
-    def _resend_until_stopped(self, broker: RabbitmqBroker) -> None:
+    def _resend_until_stopped(self, broker: TrackedBroker) -> None:
         while not self._stopped.wait(self.interval_s):
             self.resend(broker)
 
-    def resend(self, broker: RabbitmqBroker) -> int:
+    def resend(self, broker: TrackedBroker) -> int:
         """Look once; returns how many jobs were sent again."""
         try:
-            if not self.store.lead(LEAD):
+            if not self.store.lead(RESEND_LOCK):
                 return 0
             drained = [queue for queue, depth in broker.queue_depths().items() if depth["ready"] == 0]
             claimed = self.store.claim_unsent(drained, older_than_s=self.older_than_s)

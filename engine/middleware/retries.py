@@ -17,7 +17,7 @@ class Retries(DramatiqRetries):
     Every actor's ``throws`` option is extended with `PermanentError` and `JobCanceled` when it
     is declared, so that Dramatiq ends such a job at once however the actor was declared: a
     permanent error fails it, a cancel cancels it. The engine's defaults (see
-    `engine.settings`) are passed in by `engine.broker.build_middleware`.
+    `engine.settings`) are passed in by `engine.app.build_middleware`.
     """
 
     def after_declare_actor(self, broker: Broker, actor: Actor) -> None:

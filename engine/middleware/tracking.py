@@ -39,7 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..errors import ArgumentsNotSerializable, JobCanceled, ResultNotSerializable, ResultTooLarge, TrackingError
 from ..job import JobState, Outcome
 from ..store import AttemptEnd, AttemptRun, EnqueueRecord, StartRequest, Store
-from ..writer import Pending
+from ..tracked_broker import TrackedBroker, row_writes_collected
 from .heartbeat import Heartbeat
 
 #: Marks a message sent only to look at a running job again later: it records no new job.
@@ -53,10 +53,11 @@ SHUTDOWN_FLUSH_S = 10.0
 
 #: The writes a worker thread hands in soon after its job's start is committed, when the job
 #: is short: the job's end, and the start of the next (see `GroupCommit.submit`).
-FOLLOWERS_OF_A_START = 2
+WRITES_AFTER_A_START = 2
 
-#: Progress is written at most this often per job; the last value always lands at the end.
-PROGRESS_INTERVAL_S = float(os.getenv("ENGINE_PROGRESS_INTERVAL_S", "0.5"))
+#: Progress is written at most this often per job by default (``ENGINE_PROGRESS_INTERVAL_S``);
+#: the last value always lands at the end.
+DEFAULT_PROGRESS_INTERVAL_S = 0.5
 
 
 @dataclass
@@ -67,6 +68,7 @@ class RunningAttempt:
     number: int
     store: Store
     run: AttemptRun  # written with its end
+    progress_interval_s: float
     cancel_requested: bool = False  # already when it started
     retry_enqueued: bool = False
     progress_written_at: float = 0.0
@@ -74,18 +76,13 @@ class RunningAttempt:
 
     def report(self, percent: float, message: Optional[str]) -> None:
         now = time.monotonic()
-        if now - self.progress_written_at >= PROGRESS_INTERVAL_S:
+        if now - self.progress_written_at >= self.progress_interval_s:
             self.store.set_progress(self.job_id, percent, message)
             self.progress_written_at = now
             self.pending_progress = None
         else:
             self.pending_progress = (percent, message)
 
-
-#: Set by a broker around ``before_enqueue`` when it sends the message later, from a thread of
-#: its own: Tracking then appends the pending write of the job's row here instead of waiting
-#: for it, and the broker sends the message once that write is committed.
-rows_in_flight: ContextVar[Optional[list[Pending[None]]]] = ContextVar("rows_in_flight", default=None)
 
 #: The attempt the current worker thread runs, or None outside an actor.
 current_attempt: ContextVar[Optional[RunningAttempt]] = ContextVar("current_attempt", default=None)
@@ -108,6 +105,10 @@ class Tracking(Middleware):
       dead_after_s(float): a worker silent this long is dead, and its running jobs run again.
       result_max_bytes(int): results larger than this, JSON-encoded, fail the job.
       traceback_max_bytes(int): tracebacks are cut to their last this many characters.
+      progress_interval_s(float): progress is written at most this often per job.
+
+    With a `TrackedBroker` (`engine.tracked_broker`), a job's row sent later is handed to the
+    broker rather than waited for, and so is the record of an attempt's end.
     """
 
     def __init__(
@@ -118,12 +119,14 @@ class Tracking(Middleware):
         dead_after_s: float,
         result_max_bytes: int,
         traceback_max_bytes: int,
+        progress_interval_s: float = DEFAULT_PROGRESS_INTERVAL_S,
     ) -> None:
         self.store = store
         self.heartbeat = heartbeat
         self.dead_after_s = dead_after_s
         self.result_max_bytes = result_max_bytes
         self.traceback_max_bytes = traceback_max_bytes
+        self.progress_interval_s = progress_interval_s
         self.host = socket.gethostname()
         logging.getLogger("dramatiq.worker.WorkerThread").addFilter(_ResultsAreStored())
 
@@ -135,12 +138,12 @@ class Tracking(Middleware):
             # The embedded broker's enqueue: the row is committed with the message, or neither is.
             self._record_now(lambda: self.store.record_enqueue(record.row, delayed=record.delayed), message)
             return
-        in_flight = rows_in_flight.get()
+        row_writes = row_writes_collected()
         # Committed with the rows of the process's other sends; a row its sender does not wait
         # for waits out a database outage instead of failing.
-        recorded = self.store.writer.submit(self.store.record_enqueues, record, patient=in_flight is not None)
-        if in_flight is not None:
-            in_flight.append(recorded)  # the broker sends the message once its row is committed
+        recorded = self.store.writer.submit(self.store.record_enqueues, record, patient=row_writes is not None)
+        if row_writes is not None:
+            row_writes.append(recorded)  # the broker sends the message once its row is committed
         else:
             self._record_now(recorded.result, message)
 
@@ -152,6 +155,10 @@ class Tracking(Middleware):
           ArgumentsNotSerializable: the message's arguments are not JSON.
         """
         now = time.time()
+        # A message given a delay, even none (a retry with no backoff), waits as `scheduled`
+        # until it falls due: a running job may only move there (`REENQUEUE_TRANSITIONS`),
+        # and its retry, recorded as `queued`, would leave it `running` for good.
+        delayed = delay is not None
         try:
             args, kwargs = json.dumps(message.args), json.dumps(message.kwargs)
         except (TypeError, ValueError) as error:
@@ -169,9 +176,9 @@ class Tracking(Middleware):
             "priority": message.options.get("broker_priority") or 0,
             "idempotency_key": message.options.get("idempotency_key"),
             "created_at": now,
-            "scheduled_for": now + delay / 1000 if delay else None,
+            "scheduled_for": now + delay / 1000 if delay is not None else None,
         }
-        return EnqueueRecord(row, bool(delay))
+        return EnqueueRecord(row, delayed)
 
     @staticmethod
     def _record_now(write: Callable[[], object], message: Message) -> None:
@@ -184,7 +191,7 @@ class Tracking(Middleware):
         request = StartRequest(
             message.message_id, self.host, os.getpid(), self.heartbeat.worker_id, self.dead_after_s, time.time()
         )
-        start = self.store.writer.write(self.store.record_attempts, request, followers=FOLLOWERS_OF_A_START)
+        start = self.store.writer.write(self.store.record_attempts, request, followers=WRITES_AFTER_A_START)
         if start.undecided:  # not queued, or ended in the same batch: decided on its own
             start = self.store.writer.write(self.store.start_attempts, request)
         if start.running_elsewhere:
@@ -199,7 +206,9 @@ class Tracking(Middleware):
         message.options.pop(RECHECK_OPTION, None)
         assert start.started_at is not None  # a start that runs the job has its time
         run = request.run(start.started_at)
-        current_attempt.set(RunningAttempt(message.message_id, start.number, self.store, run, start.cancel_requested))
+        current_attempt.set(
+            RunningAttempt(message.message_id, start.number, self.store, run, self.progress_interval_s, start.cancel_requested)
+        )
 
     def after_enqueue(self, broker: Broker, message: Message, delay: Optional[int]) -> None:
         attempt = current_attempt.get()
@@ -256,11 +265,9 @@ class Tracking(Middleware):
             attempt.job_id, attempt.number, outcome, run=attempt.run, progress=attempt.pending_progress, **fields
         )
         recorded = self.store.writer.submit(self.store.record_attempts, end)
-        if getattr(broker, "settles_when_recorded", False):
-            # The thread goes on to its next job; the broker acks this one once it is recorded,
-            # so that its end and the next job's start are committed together.
-            message.end_recorded = recorded
-        else:
+        # With a broker that settles the message once its end is recorded, the thread goes on
+        # to its next job, so that this end and the next job's start are committed together.
+        if not (isinstance(broker, TrackedBroker) and broker.settle_when_recorded(message, recorded)):
             recorded.result()
 
     def after_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
@@ -279,33 +286,3 @@ class Tracking(Middleware):
                 "(ENGINE_RESULT_MAX_BYTES): store large output elsewhere and return its location"
             )
         return encoded
-
-
-def when_recorded(message: MessageProxy, settle: Callable[[], None]) -> Optional[Pending[None]]:
-    """Run `settle` (the ack or nack of a delivered message) once Tracking has committed how
-    its attempt ended: at once if it has, else on the store's writer thread after the commit.
-
-    A broker whose consumers settle messages this way says so with a true
-    ``settles_when_recorded`` attribute; Tracking then leaves the wait to it.
-
-    Returns:
-      the pending record, or None if `settle` ran already.
-    """
-    recorded: Optional[Pending[None]] = getattr(message, "end_recorded", None)
-    if recorded is None or recorded.done():
-        _settle_recorded(message, settle, recorded)
-        return None
-    recorded.add_done_callback(lambda done: _settle_recorded(message, settle, done))
-    return recorded
-
-
-def _settle_recorded(message: MessageProxy, settle: Callable[[], None], recorded: Optional[Pending[None]]) -> None:
-    error = recorded.exception() if recorded is not None else None
-    if error is not None:
-        # Only a bug gets here (outages are waited out): leaving the message unsettled would
-        # block its consumer's prefetch for good, so settle it, and say what was lost.
-        logger.error("Could not record the end of job {}: {!r}", message.message_id, error)
-    try:
-        settle()
-    except Exception as settle_error:
-        logger.warning("Could not settle message {} ({!r}); the broker will deliver it again.", message.message_id, settle_error)

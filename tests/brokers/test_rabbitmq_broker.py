@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -24,13 +25,14 @@ from dramatiq.errors import ConnectionClosed
 from pika.adapters.blocking_connection import BlockingChannel
 
 import engine
-import engine.broker
+import engine.app
 from engine import BrokerUnavailable, JobsNotSent, JobState
-from engine.broker import build_broker
+from engine.app import build_broker
 from engine.brokers import RabbitmqBroker
-from engine.brokers import rabbitmq
-from engine.brokers.rabbitmq import HAND_BACK_AFTER_S, HELD_PER_SLOT, SOCKET_TIMEOUT, sending_now
-from engine.middleware import Tracking
+from engine.brokers.rabbitmq import consumer as rabbitmq_consumer
+from engine.brokers.rabbitmq.connection import SOCKET_TIMEOUT_S
+from engine.brokers.rabbitmq.consumer import HAND_BACK_AFTER_S, HELD_PER_SLOT
+from engine.tracked_broker import sending_now
 from engine.settings import Settings
 from engine.store import Store
 from engine.writer import Pending
@@ -77,7 +79,7 @@ def brokers(amqp_url) -> Iterator[Callable[..., RabbitmqBroker]]:
     def make(**options) -> RabbitmqBroker:
         options.setdefault("url", amqp_url)
         options.setdefault("middleware", [])
-        options.setdefault("max_priority", engine.broker.MAX_PRIORITY)
+        options.setdefault("max_priority", engine.app.MAX_PRIORITY)
         broker = RabbitmqBroker(**options)
         made.append(broker)
         return broker
@@ -140,7 +142,7 @@ def consuming(worker: Worker, queue: str) -> bool:
 
 
 def store_of(broker: RabbitmqBroker) -> Store:
-    return next(middleware.store for middleware in broker.middleware if isinstance(middleware, Tracking))
+    return broker.store
 
 
 def rabbitmq_connections() -> int:
@@ -416,7 +418,7 @@ def test_engine_submit_fails_fast_when_rabbitmq_is_down(tmp_path, down_url, monk
     for name, value in {"ENGINE_BROKER_URL": down_url, "ENGINE_STORE_URL": f"sqlite:///{tmp_path}/engine.db"}.items():
         monkeypatch.setenv(name, value)
     engine.settings.get_settings.cache_clear()
-    engine.broker._broker = None
+    engine.app._broker = None
     try:
         engine.actor(lambda: None, actor_name="noop")
         started = time.monotonic()
@@ -430,7 +432,7 @@ def test_engine_submit_fails_fast_when_rabbitmq_is_down(tmp_path, down_url, monk
             engine.submit("noop", idempotency_key="once")
     finally:
         engine.get_broker().close()
-        engine.broker._broker = None
+        engine.app._broker = None
         engine.settings.get_settings.cache_clear()
         dramatiq.set_broker(None)
 
@@ -537,7 +539,7 @@ def test_sends_to_a_rabbitmq_that_stays_down_fail_their_jobs_visibly(tmp_path, d
 
 
 def test_connect_timeouts_are_bounded_unless_the_url_sets_them():
-    assert RabbitmqBroker(url="amqp://localhost/").parameters.socket_timeout == SOCKET_TIMEOUT
+    assert RabbitmqBroker(url="amqp://localhost/").parameters.socket_timeout == SOCKET_TIMEOUT_S
     assert RabbitmqBroker(url="amqp://localhost/?socket_timeout=7").parameters.socket_timeout == 7
 
 
@@ -594,8 +596,8 @@ def nothing_delivered(consumer) -> bool:
 
 
 def test_a_consumer_holds_more_messages_and_gives_one_as_a_slot_frees(brokers, queue, spy, monkeypatch):
-    monkeypatch.setattr(rabbitmq, "HAND_BACK_AFTER_S", 60.0)  # none is handed back here
-    consumer = consume_jobs(brokers(), queue, HELD_PER_SLOT + 2)
+    monkeypatch.setattr(rabbitmq_consumer, "HAND_BACK_AFTER_S", 60.0)  # none is handed back here
+    consumer = consume_jobs(broker := brokers(), queue, HELD_PER_SLOT + 2)
     first = wait_for(lambda: next(consumer), 5, "a delivery")
 
     # given the one slot taken, the next messages are held, and the last left in the queue
@@ -603,7 +605,7 @@ def test_a_consumer_holds_more_messages_and_gives_one_as_a_slot_frees(brokers, q
     assert spy(queue) == 1
 
     # when the first job ends, its end still being recorded (its message unacknowledged)
-    first.end_recorded = Pending()
+    broker.settle_when_recorded(first, recorded := Pending())
     consumer.ack(first)
 
     # then its slot goes to the oldest held message at once, and no other comes
@@ -612,7 +614,7 @@ def test_a_consumer_holds_more_messages_and_gives_one_as_a_slot_frees(brokers, q
     assert nothing_delivered(consumer)
 
     # and once the first is acknowledged, the last comes to be held
-    first.end_recorded.set_result(None)
+    recorded.set_result(None)
     wait_for(lambda: next(consumer) is None and spy(queue) == 0, 5, "the last message delivered")
     taken = [first, second]
     while len(taken) < HELD_PER_SLOT + 2:
@@ -660,16 +662,16 @@ def test_a_rabbitmq_that_refuses_a_channel_wide_prefetch_gets_a_fixed_one(broker
         return basic_qos(channel, *args, global_qos=global_qos, **kwargs)
 
     monkeypatch.setattr(BlockingChannel, "basic_qos", refuse_global)
-    consumer = consume_jobs(brokers(), queue, 3)
+    consumer = consume_jobs(broker := brokers(), queue, 3)
     first = wait_for(lambda: next(consumer), 5, "a delivery")
 
     # then nothing is held, and a slot stays taken until its message is settled
     assert nothing_delivered(consumer)
     assert spy(queue) == 2
-    first.end_recorded = Pending()
+    broker.settle_when_recorded(first, recorded := Pending())
     consumer.ack(first)
     assert nothing_delivered(consumer)
-    first.end_recorded.set_result(None)
+    recorded.set_result(None)
     second = wait_for(lambda: next(consumer), 5, "the second delivery")
     consumer.ack(second)
     consumer.close()
@@ -736,3 +738,78 @@ def test_quorum_queues_hold_long_delays_too(brokers, workers, amqp_vhost, queue)
     listed = rabbitmqctl("list_queues", "-q", "--no-table-headers", "-p", amqp_vhost, "name", "type")
     types = dict(line.split("\t") for line in listed.splitlines())
     assert {types[f"{queue}{suffix}"] for suffix in ("", ".DQ", ".HQ", ".XQ")} == {"quorum"}
+
+
+#: A user's script: 100 sends, then the broker closed; it prints when close() returned.
+SEND_AND_CLOSE = """
+import sys, time
+import dramatiq
+from engine.app import build_broker
+from engine.settings import Settings
+
+broker = build_broker(Settings(store_url=sys.argv[1], broker_url=sys.argv[2]))
+actor = dramatiq.actor(lambda n: None, broker=broker, actor_name="noop", queue_name=sys.argv[3])
+for n in range(100):
+    actor.send(n)
+broker.close()
+print(time.time(), flush=True)
+"""
+
+
+@pytest.mark.sends_behind
+def test_a_script_that_sends_and_closes_the_broker_exits_at_once_with_every_job_sent(tmp_path, amqp_url, queue, spy):
+    # when a script sends 100 jobs and closes the broker
+    done = subprocess.run(
+        [sys.executable, "-c", SEND_AND_CLOSE, f"sqlite:///{tmp_path}/engine.db", amqp_url, queue],
+        capture_output=True, text=True, timeout=60,
+    )
+    exited_at = time.time()
+
+    # then it exits within a second of close(), which returned once RabbitMQ had confirmed them
+    assert done.returncode == 0, done.stderr
+    assert exited_at - float(done.stdout.split()[-1]) < 1.0
+    assert "not sent" not in done.stderr and "ERROR" not in done.stderr, done.stderr
+    assert spy(queue) == 100
+
+
+def test_connection_and_channel_are_the_threads_own_as_in_dramatiq(brokers, queue):
+    broker = brokers()
+
+    # a thread's connection and channel are its own, the same at each use
+    assert broker.connection is broker.connection and broker.connection.is_open
+    broker.channel.queue_declare(queue, durable=True)  # a user's own declaration
+    assert broker.channel.queue_declare(queue, passive=True).method.message_count == 0
+    other: list = []
+    thread = threading.Thread(target=lambda: other.append(broker.connection))
+    thread.start()
+    thread.join()
+    assert other[0] is not broker.connection
+
+    # deleting them drops them, and never raises, not even twice
+    dropped = broker.connection
+    del broker.connection
+    del broker.connection
+    del broker.channel
+    assert not dropped.is_open
+    assert broker.connection is not dropped and broker.connection.is_open
+
+    # closing the broker closes them
+    kept = broker.connection
+    broker.close()
+    assert not kept.is_open and not other[0].is_open
+
+
+@pytest.mark.sends_behind
+def test_a_flush_drops_the_sends_still_on_their_way(tmp_path, amqp_url, queue, spy):
+    broker, _, actor = sender_of_noops(tmp_path, amqp_url, queue)
+    broker.declare_queue(queue)
+
+    # when jobs are sent without waiting and the queues flushed at once
+    for n in range(1000):
+        actor.send(n)
+    broker.flush_all()
+
+    # then none of them lands after the purge
+    broker.wait_sent()
+    assert spy(queue) == 0
+    broker.close()

@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 from engine.brokers import SQLiteBroker
 from engine.schema import jobs, messages
 from engine.store import Store
+from tests.support.processes import start_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -211,7 +212,7 @@ def test_ack_deletes_the_row_and_nack_keeps_it_as_dead(broker, consumers):
 
 
 def test_an_expired_lease_is_redelivered_and_flagged(brokers, consumers):
-    dying, survivor = brokers(lease_seconds=0.2), brokers(lease_seconds=0.2)
+    dying, survivor = brokers(lease_s=0.2), brokers(lease_s=0.2)
     sent = dying.enqueue(new_message())
     first = next(consumers(dying))
     assert first.redelivered is False
@@ -228,7 +229,7 @@ def test_an_expired_lease_is_redelivered_and_flagged(brokers, consumers):
 
 def test_renewed_leases_keep_a_long_held_message_from_redelivery(brokers, consumers):
     # Renewed every third of a lease: 0.5 s leaves a renewal 0.33 s of stall on a busy machine.
-    holder, other = brokers(lease_seconds=0.5), brokers(lease_seconds=0.5)
+    holder, other = brokers(lease_s=0.5), brokers(lease_s=0.5)
     holder.enqueue(new_message())
     consumer = consumers(holder)
     held = next(consumer)
@@ -270,7 +271,7 @@ def test_closing_a_consumer_requeues_what_it_claimed_but_never_handed_out(broker
 
 
 def test_settling_or_renewing_a_message_whose_row_is_gone_does_not_fail(brokers, consumers):
-    broker = brokers(lease_seconds=0.03)
+    broker = brokers(lease_s=0.03)
     broker.enqueue(new_message())
     broker.enqueue(new_message())
     consumer = consumers(broker, prefetch=2)
@@ -359,6 +360,7 @@ import sys, time
 from dramatiq import Message
 from engine.brokers import SQLiteBroker
 from engine.store import Store
+from tests.support.processes import start_process
 
 broker = SQLiteBroker(Store(sys.argv[1]), middleware=[])
 print("ready", flush=True)
@@ -381,7 +383,7 @@ def test_an_enqueue_in_this_process_wakes_an_idle_consumer_at_once(broker, consu
 
 def test_an_enqueue_in_another_process_wakes_an_idle_consumer_at_once(store, broker, consumers):
     consumer = consumers(broker, timeout=5000)
-    sender = subprocess.Popen(
+    sender = start_process(
         [sys.executable, "-c", SENDER, store.url], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
 

@@ -22,7 +22,7 @@ import psycopg
 import pytest
 
 import engine
-import engine.broker
+import engine.app
 import engine.settings
 
 from tests.support.processes import EngineProcess, point_engine_at
@@ -102,10 +102,10 @@ def engine_env(mode, tmp_path, request, monkeypatch) -> dict[str, str]:
         _purge(env["ENGINE_BROKER_URL"])
     point_engine_at(env, monkeypatch)
     yield env
-    if engine.broker._broker is not None:
-        engine.broker.get_store().close()
-        engine.broker._broker.close()
-    engine.broker._broker = None
+    if engine.app._broker is not None:
+        engine.app.get_store().close()
+        engine.app._broker.close()
+    engine.app._broker = None
     engine.settings.get_settings.cache_clear()
 
 

@@ -22,7 +22,7 @@ import engine
 from engine import CancelOutcome, JobState, Outcome
 from engine.middleware.cancellation import Cancellation
 
-from tests.support.processes import completions, wait_for, wait_for_state
+from tests.support.processes import completions, run_process, wait_for, wait_for_state
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +60,7 @@ def cancel_running(job_id: str) -> float:
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    return run_process(
         [sys.executable, "-m", "engine.cli", *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=60
     )
 

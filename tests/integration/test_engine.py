@@ -55,6 +55,20 @@ def test_retries_back_off_and_record_one_attempt_each(engine_env, start_engine):
     assert gaps[0] >= 0.2 and gaps[1] >= 0.4  # min_backoff 200 ms, doubling
 
 
+@pytest.mark.parametrize("actor", ["flaky_at_once", "flaky_within_a_millisecond"])
+def test_a_retry_with_no_backoff_runs_at_once(engine_env, start_engine, actor):
+    start_engine("worker", "--processes", "1", "--threads", "2")
+    wait_for_state(engine.submit("echo", "warm-up").id, FINISHED)  # the worker is up
+
+    # given a job whose first attempt fails and whose retry is due at once
+    job = engine.submit(actor, 1)
+
+    # then it succeeds at its second attempt within a second, each attempt recorded
+    succeeded = wait_for_state(job.id, FINISHED, timeout=1)
+    assert succeeded.state == JobState.SUCCEEDED and succeeded.attempts == 2
+    assert [a.outcome for a in engine.attempts(job.id)] == [Outcome.WILL_RETRY, Outcome.SUCCEEDED]
+
+
 def test_a_permanent_error_fails_at_once(engine_env, start_engine):
     start_engine("worker", "--processes", "1", "--threads", "1")
 

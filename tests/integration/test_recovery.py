@@ -19,7 +19,7 @@ import engine
 from engine import JobState, Outcome
 from engine.schema import jobs
 from tests.support import actors
-from tests.support.processes import completions, wait_for, wait_for_state
+from tests.support.processes import completions, run_process, wait_for, wait_for_state
 
 pytestmark = pytest.mark.integration
 
@@ -99,19 +99,19 @@ def test_a_job_longer_than_the_consumer_timeout_runs_exactly_once(
 KILLED_SENDER = """
 import os, signal
 import engine
-from engine.brokers.rabbitmq import _Publisher
+from engine.brokers.rabbitmq.sender import Publisher
 from tests.support import actors
-_Publisher.__call__ = lambda self, batch: signal.pause()
+Publisher.__call__ = lambda self, batch: signal.pause()
 print(actors.echo.send("lost").message_id)
 print(actors.echo.send_with_options(args=("late",), delay=300).message_id, flush=True)
-engine.broker.get_store().writer.flush()
+engine.app.get_store().writer.flush()
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
 def killed_sender(env: dict[str, str]) -> list[str]:
     """Run `KILLED_SENDER`; the ids of the jobs it sent."""
-    done = subprocess.run(
+    done = run_process(
         [sys.executable, "-c", KILLED_SENDER], env={**os.environ, **env}, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == -signal.SIGKILL, done.stderr

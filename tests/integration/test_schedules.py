@@ -19,7 +19,7 @@ from engine.schema import jobs
 from scheduler.ledger import FireOutcome
 from scheduler.service import Scheduler
 
-from tests.support.processes import completions, wait_for
+from tests.support.processes import completions, start_process, wait_for
 
 #: What `tests.support.actors.echo` needs to run as a schedule's job every second.
 EVERY_SECOND = "* * * * * *"
@@ -92,7 +92,7 @@ def test_a_scheduler_killed_between_claim_and_publish_still_runs_the_job_once(en
     engine.set_schedule("fragile", "echo", EVERY_SECOND, args=["once"])
     # When a scheduler claims a fire time, commits its job's row and dies before publishing
     with open(tmp_path / "crashing.log", "wb") as log:
-        crashing = subprocess.Popen(
+        crashing = start_process(
             [sys.executable, "-c", _CRASHING_SCHEDULER], env={**os.environ, **engine_env}, stdout=log, stderr=subprocess.STDOUT
         )
         try:

@@ -231,7 +231,7 @@ def test_cancel_requested_outside_a_job_is_false(stub_broker):
 
 def test_a_cancel_missed_by_the_push_is_found_in_the_store(stub_broker, cancellation, monkeypatch):
     monkeypatch.setattr(Cancellation, "broadcast", lambda self, job_id: None)  # the push is lost
-    cancellation.check_interval = 0.2
+    cancellation.check_interval_s = 0.2
     worker = Worker(stub_broker, worker_timeout=50, worker_threads=1)
     worker.start()
     try:

@@ -10,7 +10,7 @@ import pytest
 from dramatiq import Worker
 from dramatiq.brokers.stub import StubBroker
 
-from engine.broker import build_middleware
+from engine.app import build_middleware
 from engine.middleware.scheduling import BatchScheduling
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_BATCH is Linux's")

@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 import pytest
 
 import engine
-import engine.broker
+import engine.app
 import engine.settings
 from scheduler.service import Scheduler
 
@@ -26,10 +26,10 @@ def embedded(tmp_path, monkeypatch) -> Iterator[dict[str, str]]:
     }
     point_engine_at(env, monkeypatch)
     yield env
-    if engine.broker._broker is not None:
-        engine.broker.get_store().close()
-        engine.broker._broker.close()
-    engine.broker._broker = None
+    if engine.app._broker is not None:
+        engine.app.get_store().close()
+        engine.app._broker.close()
+    engine.app._broker = None
     engine.settings.get_settings.cache_clear()
 
 

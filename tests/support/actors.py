@@ -39,6 +39,11 @@ def sleepy(seconds: float):
 @engine.actor(max_retries=3, min_backoff=200, max_backoff=5_000)
 def flaky(failures: int):
     """Fails its first `failures` attempts."""
+    return _fail_first(failures)
+
+
+def _fail_first(failures: int) -> int:
+    """Raise in the first `failures` attempts; the attempt's number after them."""
     attempt = CurrentMessage.get_current_message().options.get("retries", 0) + 1
     if attempt <= failures:
         raise ConnectionError(f"attempt {attempt} failed")
@@ -109,3 +114,15 @@ def always_failing():
     """Fails every attempt, then waits 2 to 4 s as `scheduled` before the next."""
     _record_start()
     raise ConnectionError("still down")
+
+
+@engine.actor(max_retries=3, min_backoff=0)
+def flaky_at_once(failures: int):
+    """Fails its first `failures` attempts, each retried with no backoff."""
+    return _fail_first(failures)
+
+
+@engine.actor(max_retries=3, max_backoff=1)
+def flaky_within_a_millisecond(failures: int):
+    """Fails its first `failures` attempts; a backoff of at most 1 ms rounds down to none."""
+    return _fail_first(failures)

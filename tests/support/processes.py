@@ -1,4 +1,9 @@
-"""Helpers for tests that run the engine in real processes: start, kill, wait, count side effects."""
+"""Helpers for tests that run the engine in real processes: start, kill, wait, count side effects.
+
+Every process a test starts goes through `start_process` or `run_process`, which bind it to the
+test process: it is SIGKILLed when pytest dies, even by SIGKILL, so that no worker keeps
+consuming after its test run (see `engine.lifetime`).
+"""
 
 from __future__ import annotations
 
@@ -9,24 +14,39 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import pytest
 
-import engine.broker
+import engine.app
 import engine.settings
 from engine.job import Job, JobState
+from engine.lifetime import dying_with_this_process
 
 T = TypeVar("T")
 
 
+def start_process(args: list[str], **popen: Any) -> subprocess.Popen:
+    """`subprocess.Popen` of a process that dies with this one; call it from the main thread."""
+    return subprocess.Popen(args, preexec_fn=dying_with_this_process(), **popen)
+
+
+def run_process(args: list[str], **run: Any) -> subprocess.CompletedProcess:
+    """`subprocess.run` of a process that dies with this one; call it from the main thread."""
+    return subprocess.run(args, preexec_fn=dying_with_this_process(), **run)
+
+
 class EngineProcess:
-    """An ``engine`` command running in its own session, its output kept in a log file."""
+    """An ``engine`` command running in its own session, its output kept in a log file.
+
+    Its session lets a test signal its whole process group; it dies with the test process, and
+    its workers with it.
+    """
 
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
         self.args, self.log_path = args, log_path
         self.log = open(log_path, "ab")
-        self.process = subprocess.Popen(
+        self.process = start_process(
             [sys.executable, "-m", "engine.cli", *args],
             env={**os.environ, **env},
             stdout=self.log,
@@ -70,7 +90,7 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
 
 
 def wait_for_state(job_id: str, states: set[JobState], timeout: float = 30) -> Job:
-    store = engine.broker.get_store()
+    store = engine.app.get_store()
 
     def reached() -> Optional[Job]:
         job = store.get(job_id)
@@ -87,7 +107,7 @@ def completions(env: dict[str, str], job_id: str) -> int:
 
 def run_python(code: str, env: dict[str, str]) -> str:
     """Run `code` in a separate Python process with the engine's env; return its stdout."""
-    done = subprocess.run(
+    done = run_process(
         [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
@@ -102,7 +122,7 @@ def point_engine_at(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Non
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     engine.settings.get_settings.cache_clear()
-    engine.broker._broker = None
+    engine.app._broker = None
     # Reloaded in place, not imported anew: test modules hold references to it.
     if "tests.support.actors" in sys.modules:
         importlib.reload(sys.modules["tests.support.actors"])

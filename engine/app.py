@@ -1,4 +1,4 @@
-"""The broker the engine runs on, built from settings, with the engine's middleware.
+"""The process's broker and store, built once from settings, with the engine's middleware.
 
 `get_broker()` builds it once per process and makes it Dramatiq's global broker, so actors
 declared with `engine.actor` (or plain ``dramatiq.actor`` after it) and ``dramatiq
@@ -25,16 +25,19 @@ from dramatiq.middleware import (
 from .brokers import RabbitmqBroker, SQLiteBroker
 from .errors import ConfigError
 from .middleware import Heartbeat, Retries, Tracking
+from .middleware.arguments import Arguments
 from .middleware.cancellation import Cancellation
 from .middleware.resend import Resend
 from .middleware.scheduling import BatchScheduling
 from .settings import Settings, get_settings
 from .store import Store
+from .tracked_broker import TrackedBroker
 
 #: RabbitMQ queues are declared with this x-max-priority; `priority` on submit ranges 0..10.
 MAX_PRIORITY = 10
 
 _broker: Optional[Broker] = None
+_store: Optional[Store] = None
 
 
 def build_middleware(settings: Settings, store: Store) -> list[Middleware]:
@@ -51,15 +54,17 @@ def build_middleware(settings: Settings, store: Store) -> list[Middleware]:
         dead_after_s=settings.worker_dead_after_s,
         result_max_bytes=settings.result_max_bytes,
         traceback_max_bytes=settings.traceback_max_bytes,
+        progress_interval_s=settings.progress_interval_s,
     )
     # Jobs whose sender died before sending them are looked for once a live sender would have
     # given up on them (and failed them) twice over.
     resend = Resend(store, older_than_s=2 * settings.send_behind_timeout_s, interval_s=settings.send_behind_timeout_s)
     return [
         CurrentMessage(),
+        Arguments(),  # before anything records the job: a send that does not fit is refused whole
         heartbeat,
         resend,
-        Cancellation(store, broker_url=settings.broker_url, check_interval=settings.cancel_check_interval_s),
+        Cancellation(store, broker_url=settings.broker_url, check_interval_s=settings.cancel_check_interval_s),
         tracking,
         AgeLimit(),
         TimeLimit(time_limit=settings.time_limit_ms),
@@ -89,6 +94,7 @@ def build_broker(settings: Settings) -> Broker:
         return SQLiteBroker(store, middleware=middleware)
     return RabbitmqBroker(
         url=settings.broker_url,
+        store=store,
         middleware=middleware,
         confirm_delivery=True,
         # RabbitMQ 3.10 quorum queues have no priorities.
@@ -96,14 +102,21 @@ def build_broker(settings: Settings) -> Broker:
         quorum_queues=settings.rabbitmq_quorum_queues,
         delay_hold_ms=settings.delay_hold_ms,
         pool_size=settings.broker_pool_size,
-        send_behind_timeout=settings.send_behind_timeout_s,
+        send_behind_timeout_s=settings.send_behind_timeout_s,
     )
 
 
-def use(broker: Broker) -> Broker:
-    """Make `broker` the engine's and Dramatiq's global broker (tests use it with a StubBroker)."""
-    global _broker
-    _broker = broker
+def use(broker: Broker, store: Optional[Store] = None) -> Broker:
+    """Make `broker` the engine's and Dramatiq's global broker.
+
+    Parameters:
+      store(Store): where its jobs are tracked; by default the store the broker was handed
+        (`TrackedBroker.store`). Tests pass the one of a StubBroker's Tracking.
+    """
+    global _broker, _store
+    if store is None and isinstance(broker, TrackedBroker):
+        store = broker.store
+    _broker, _store = broker, store
     dramatiq.set_broker(broker)
     return broker
 
@@ -114,11 +127,15 @@ def get_broker() -> Broker:
 
 
 def get_store() -> Store:
-    """The store the process's broker tracks jobs in."""
-    for middleware in get_broker().middleware:
-        if isinstance(middleware, Tracking):
-            return middleware.store
-    raise RuntimeError("the broker has no Tracking middleware: build it with engine.broker.build_middleware")
+    """The store the process's broker tracks jobs in.
+
+    Raises:
+      RuntimeError: the broker was made the engine's without a store.
+    """
+    get_broker()
+    if _store is None:
+        raise RuntimeError("the engine's broker has no store: build it with build_broker, or pass one to use()")
+    return _store
 
 
 def actor(fn: Optional[Callable[..., Any]] = None, **options: Any) -> Any:
