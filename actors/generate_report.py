@@ -1,8 +1,8 @@
 """`generate_report`: a JSON summary of recent jobs, for a daily e-mail or a dashboard.
 
 It answers the questions asked after an incident: how many jobs ran, which actors failed and
-how often, and how long their attempts took. Reading the store directly keeps it one query per
-figure; writing a file (not a large result) keeps the job's row small.
+how often, and how long their attempts took. The store answers each figure in one query;
+writing a file (not a large result) keeps the job's row small.
 """
 
 from __future__ import annotations
@@ -16,13 +16,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-from sqlalchemy import func, select
-
 import engine
 from engine import JobState, PermanentError
-from engine.schema import jobs
 from engine.settings import get_settings
-from engine.store import Store, ended_attempt_durations
+from engine.store import Store
 
 
 @engine.actor(max_retries=2, time_limit=10 * 60_000)
@@ -52,7 +49,7 @@ def generate_report(hours: float = 24, output_dir: Optional[str] = None) -> dict
     engine.progress(0, "counting jobs")
     totals, actors = _count_jobs(store, since)
     engine.progress(40, "measuring attempt durations")
-    for actor, durations in _durations(store, since).items():
+    for actor, durations in store.attempt_durations_by_actor(created_since=since).items():
         actors[actor]["duration_ms"] = {"p50": _percentile(durations, 50), "p95": _percentile(durations, 95)}
 
     engine.progress(80, "writing the report")
@@ -64,17 +61,10 @@ def generate_report(hours: float = 24, output_dir: Optional[str] = None) -> dict
 
 
 def _count_jobs(store: Store, since: float) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
-    """Jobs per state and per actor, from one query so that both views add up."""
-    query = (
-        select(jobs.c.actor, jobs.c.state, func.count())
-        .where(jobs.c.created_at >= since)
-        .group_by(jobs.c.actor, jobs.c.state)
-    )
-    with store.reading() as connection:
-        rows = connection.execute(query).all()
+    """Jobs per state and per actor, from one count so that both views add up."""
     totals = {state.value: 0 for state in JobState}
     actors: dict[str, dict[str, Any]] = defaultdict(lambda: {"count": 0, "succeeded": 0, "failed": 0})
-    for actor, state, count in rows:
+    for actor, state, count in store.count_by_actor_and_state(created_since=since):
         totals[state] += count
         actors[actor]["count"] += count
         if state in (JobState.SUCCEEDED, JobState.FAILED):
@@ -84,17 +74,6 @@ def _count_jobs(store: Store, since: float) -> tuple[dict[str, int], dict[str, d
         summary["failure_rate"] = summary["failed"] / finished if finished else None
         summary["duration_ms"] = {"p50": None, "p95": None}
     return totals, dict(actors)
-
-
-def _durations(store: Store, since: float) -> dict[str, list[float]]:
-    """The durations of every ended attempt of the jobs, sorted, per actor."""
-    ended = ended_attempt_durations(since).subquery()
-    query = select(ended.c.actor, ended.c.duration_ms).order_by(ended.c.actor, ended.c.duration_ms)
-    durations: dict[str, list[float]] = defaultdict(list)
-    with store.reading() as connection:
-        for actor, duration in connection.execute(query):
-            durations[actor].append(duration)
-    return durations
 
 
 def _percentile(ordered: list[float], percent: float) -> float:

@@ -48,7 +48,7 @@ def purge_jobs(older_than_days: float = 30, batch_size: int = 1000) -> dict[str,
         # `due` was counted before the first batch; should more have come due since, stop at 100 %.
         engine.progress(100 * purged / max(due, purged), f"{purged} jobs purged")
 
-    purged = store.purge_finished(older_than=cutoff, batch_size=batch_size, on_batch=report)
+    purged = store.purge_finished(ended_before=cutoff, batch_size=batch_size, on_batch=report)
     Ledger(store).purge_fires(older_than=cutoff)
     engine.progress(100, f"{purged} jobs purged")
     return {"purged": purged, "older_than": datetime.fromtimestamp(cutoff, timezone.utc).isoformat()}

@@ -1,8 +1,9 @@
 """The HTTP shim: the JSON API, its OpenAPI description and the status page, on the standard
 library's `http.server`.
 
-`build_server` makes the server from settings; `serve` runs it until SIGTERM or Ctrl-C (``engine
-api``); `start` runs it on a thread of the calling process (``engine run``, tests).
+`listen` binds the API's address; `build_server` makes the server from settings; `start` runs it
+on a thread of the calling process (``python -m api``, tests). ``engine api`` and ``engine run``
+run it in a process of its own (`api.__main__`).
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ import base64
 import hashlib
 import ipaddress
 import re
-import signal
+import socket
 import threading
 from functools import cache
+from typing import Optional
 from importlib.metadata import PackageNotFoundError, version
 from importlib.resources import files
 
 from loguru import logger
 
+from engine.errors import ConfigError
 from engine.settings import Settings
 
 from .openapi import describe
@@ -26,21 +29,37 @@ from .routes import Endpoints
 from .routing import Router
 from .server import ApiServer
 
-__all__ = ["ApiServer", "build_server", "serve", "start"]
+__all__ = ["ApiServer", "build_server", "listen", "start"]
 
 
-def build_server(settings: Settings) -> ApiServer:
-    """The API's server on ``ENGINE_API_HOST:ENGINE_API_PORT`` (port 0: any free one), bound but
-    not answering yet (`serve_forever`). It warns when bound beyond loopback without a token.
+def listen(settings: Settings) -> socket.socket:
+    """A socket bound to ``ENGINE_API_HOST:ENGINE_API_PORT`` (port 0: any free one) and listening.
+
+    ``engine run`` binds it once and hands it to each API process it starts: a restarted API
+    answers on the same port, and connections made while it restarts wait in the backlog.
 
     Raises:
-      OSError: the address cannot be bound (the port is taken, say).
+      ConfigError: the address cannot be bound (the port is taken, the host is not this one's).
+    """
+    try:
+        listener = socket.create_server((settings.api_host, settings.api_port), backlog=ApiServer.request_queue_size)
+    except OSError as error:
+        raise ConfigError(f"cannot listen on {settings.api_host}:{settings.api_port}: {error.strerror or error}") from None
+    return listener
+
+
+def build_server(settings: Settings, listener: Optional[socket.socket] = None) -> ApiServer:
+    """The API's server on `listener`, or on a socket from `listen`, not answering yet
+    (`serve_forever`). It warns when bound beyond loopback without a token.
+
+    Raises:
+      ConfigError: the address cannot be bound (the port is taken, say).
     """
     holder: list[Router] = []
     endpoints = Endpoints(settings, page=_page, openapi=lambda: _description(holder[0], settings.api_token is not None))
     router = Router(endpoints.routes())
     holder.append(router)
-    server = ApiServer(settings, router, page_policy=_page_policy())
+    server = ApiServer(settings, router, page_policy=_page_policy(), listener=listener or listen(settings))
     if not _loopback(settings.api_host) and settings.api_token is None:
         logger.warning(
             "The API listens on {} without ENGINE_API_TOKEN: anyone who can reach it can submit and cancel jobs",
@@ -50,24 +69,11 @@ def build_server(settings: Settings) -> ApiServer:
     return server
 
 
-def start(settings: Settings) -> ApiServer:
+def start(settings: Settings, listener: Optional[socket.socket] = None) -> ApiServer:
     """`build_server`, answering on a daemon thread; stop it with ``shutdown()`` and ``server_close()``."""
-    server = build_server(settings)
+    server = build_server(settings, listener)
     threading.Thread(target=server.serve_forever, name="api", daemon=True).start()
     return server
-
-
-def serve(settings: Settings) -> int:
-    """Answer until SIGTERM or Ctrl-C; returns the exit status."""
-    server = start(settings)
-    stopped = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopped.set())
-    stopped.wait()
-    logger.info("API stopping")
-    server.shutdown()
-    server.server_close()
-    return 0
 
 
 def _loopback(host: str) -> bool:

@@ -65,19 +65,25 @@ class ApiServer(ThreadingHTTPServer):
       router(Router): the routes.
       page_policy(str): the content security policy of HTML answers (the page's inline code
         hashes, see `api.page`).
+      listener(socket): a socket already bound and listening (the supervisor's, inherited by
+        ``engine run``'s API process) to answer on instead of binding the settings' address.
     """
 
     daemon_threads = True
     # 200 clients connecting at once must not overflow the accept backlog (Python's default: 5).
     request_queue_size = 1024
 
-    def __init__(self, settings: Settings, router: Router, *, page_policy: str) -> None:
+    def __init__(self, settings: Settings, router: Router, *, page_policy: str, listener: Optional[socket.socket] = None) -> None:
         self.settings = settings
         self.router = router
         self.page_policy = page_policy
         self.token = settings.api_token.get_secret_value().encode() if settings.api_token else None
         self._slots = threading.BoundedSemaphore(settings.api_max_connections)
-        super().__init__((settings.api_host, settings.api_port), _Handler)
+        super().__init__((settings.api_host, settings.api_port), _Handler, bind_and_activate=listener is None)
+        if listener is not None:
+            self.socket.close()
+            self.socket = listener
+            self.server_address = listener.getsockname()
 
     @property
     def url(self) -> str:
@@ -139,6 +145,10 @@ class _DeadlineReader(io.RawIOBase):
 class _Handler(BaseHTTPRequestHandler):
     server: ApiServer
     protocol_version = "HTTP/1.1"  # keep-alive: a client reuses its connection
+    # An answer's head and body leave in one write (`_send` flushes), and at once: with Nagle's
+    # algorithm a second small write waits for the client's delayed acknowledgement (40 ms).
+    wbufsize = 65536
+    disable_nagle_algorithm = True
     server_version = "engine"
     sys_version = ""
 
@@ -257,6 +267,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(payload)
+        self.wfile.flush()
 
     def _failure(self, error: ApiError) -> Reply:
         log = logger.error if error.status >= 500 else logger.warning

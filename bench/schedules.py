@@ -96,7 +96,7 @@ def main() -> int:
         store = engine.get_store()
         from sqlalchemy import select
 
-        from engine.schema import jobs
+        from engine.store.schema import jobs
 
         query = select(jobs.c.fire_time, jobs.c.created_at, jobs.c.started_at).where(
             jobs.c.schedule.is_not(None), jobs.c.fire_time >= window_start, jobs.c.fire_time < window_end

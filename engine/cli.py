@@ -6,7 +6,8 @@ succeed: never a stack trace for a user's mistake. Like ``dramatiq``, every comm
 modules of ``ENGINE_ACTOR_MODULES`` in the current directory.
 
 Ids and states are printed whole, however narrow the terminal: a table is as wide as its longest
-id needs, and piped output is one row a line, with no borders, for ``grep`` and ``awk``.
+id needs, and piped output is one row a line, with no borders, for ``grep`` and ``awk``. The
+helpers that print them (`make_table`, `print_table`, `print_line`) serve `scheduler.commands` too.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from rich.console import Console
 from rich.markup import escape
@@ -28,6 +29,9 @@ from sqlalchemy.exc import OperationalError
 from .errors import EngineError
 from .job import JobState
 from .settings import get_settings
+
+if TYPE_CHECKING:
+    from .supervisor import ProcessKind
 
 console = Console()
 errors = Console(stderr=True)
@@ -66,13 +70,18 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The engine on one machine: a scheduler and supervised workers on the settings' store and broker."""
-    from .supervisor import SCHEDULER
+    """The whole engine on one machine: the API, a scheduler and supervised workers, stopped together."""
+    from api import listen
 
-    return worker(args, others=[SCHEDULER])
+    from .supervisor import SCHEDULER, api_process
+
+    # Bound here, before any process starts: a taken port is reported at once, and a restarted
+    # API process answers on the same socket.
+    with listen(get_settings()) as listener:
+        return worker(args, others=[SCHEDULER, api_process(listener)])
 
 
-def worker(args: argparse.Namespace, others: Sequence[tuple[str, list[str]]] = ()) -> int:
+def worker(args: argparse.Namespace, others: Sequence[ProcessKind] = ()) -> int:
     """Supervised worker processes; a dead one is restarted while the others keep working."""
     from .logging import setup_logging
     from .supervisor import run_workers
@@ -90,24 +99,15 @@ def worker(args: argparse.Namespace, others: Sequence[tuple[str, list[str]]] = (
 
 def api(args: argparse.Namespace) -> int:
     """The HTTP API and status page alone, on ENGINE_API_HOST:ENGINE_API_PORT."""
-    import engine.actors  # noqa: F401  (registers every actor, so that jobs can be submitted by name)
+    from api.__main__ import main as run_api
 
-    from api import serve
-
-    from .logging import setup_logging
-
-    overrides = {"api_host": args.host, "api_port": args.port}
-    settings = get_settings().model_copy(update={name: value for name, value in overrides.items() if value is not None})
-    setup_logging(settings)
-    try:
-        return serve(settings)
-    except OSError as error:  # the port is taken, the address is not this host's
-        raise EngineError(f"cannot listen on {settings.api_host}:{settings.api_port}: {error.strerror or error}") from None
+    options = [*(["--host", args.host] if args.host else []), *(["--port", str(args.port)] if args.port is not None else [])]
+    return run_api(options)
 
 
 def db_upgrade(args: argparse.Namespace) -> int:
     """Create or migrate the job store's schema."""
-    from . import migrations
+    from .store import migrations
 
     before = _upgrade_store()
     console.print(f"job store at schema version {migrations.LATEST} (was {before or 'empty'})")
@@ -133,19 +133,19 @@ def submit(args: argparse.Namespace) -> int:
 
     from .client import submit as submit_job
 
-    kwargs = dict(_keyword(item) for item in args.kwarg)
+    kwargs = dict(keyword_argument(item) for item in args.kwarg)
     job = submit_job(
         args.actor,
-        *[_json_or_text(value) for value in args.args],
+        *[json_or_text(value) for value in args.args],
         idempotency_key=args.idempotency_key,
         delay=args.delay,
         priority=args.priority,
         **kwargs,
     )
     if args.json:
-        _print_json(job.to_dict())
+        print_json(job.to_dict())
     else:
-        _print_line(f"{job.id} {_styled(job.state)}")
+        print_line(f"{job.id} {styled(job.state)}")
     return watch_job(job.id) if args.wait else 0
 
 
@@ -155,25 +155,25 @@ def status(args: argparse.Namespace) -> int:
 
     job, trail = get(args.id), attempts(args.id)
     if args.json:
-        _print_json({**job.to_dict(), "attempts_detail": [attempt.to_dict() for attempt in trail]})
+        print_json({**job.to_dict(), "attempts_detail": [attempt.to_dict() for attempt in trail]})
         return 0
-    _print_line(f"[bold]{job.id}[/bold]  {job.actor}  {_styled(job.state)}")
-    _print_line(f"  created {job.to_dict()['created_at']}  attempts {job.attempts}")
+    print_line(f"[bold]{job.id}[/bold]  {job.actor}  {styled(job.state)}")
+    print_line(f"  created {job.to_dict()['created_at']}  attempts {job.attempts}")
     if job.schedule is not None:
-        _print_line(f"  schedule {job.schedule}  fire time {job.to_dict()['fire_time'] or 'none (run now)'}")
+        print_line(f"  schedule {job.schedule}  fire time {job.to_dict()['fire_time'] or 'none (run now)'}")
     if job.progress_percent is not None:
-        _print_line(f"  progress {job.progress_percent:.0f}% {escape(job.progress_message or '')}")
+        print_line(f"  progress {job.progress_percent:.0f}% {escape(job.progress_message or '')}")
     if job.last_error:
-        _print_line(f"  last error: {job.last_error}", markup=False)
+        print_line(f"  last error: {job.last_error}", markup=False)
     if trail:
-        table = _table("#", "outcome", "worker", "started", "duration", "error")
+        table = make_table("#", "outcome", "worker", "started", "duration", "error")
         for attempt in trail:
             row = attempt.to_dict()
             duration = f"{attempt.duration_ms:.0f} ms" if attempt.duration_ms is not None else ""
             worker_name = f"{attempt.worker_host}:{attempt.worker_pid}"
             error = escape(f"{attempt.error_type}: {attempt.error_message}") if attempt.error_type else ""
             table.add_row(str(attempt.number), attempt.outcome or "running", worker_name, row["started_at"], duration, error)
-        _print_table(table)
+        print_table(table)
     return 0
 
 
@@ -198,7 +198,7 @@ def watch_job(job_id: str, *, interval: float = 0.5) -> int:
                     bar.update(task, completed=100)
                 break
             time.sleep(interval)
-    _print_line(f"{job.id} {_styled(job.state)}" + (f": {escape(job.last_error)}" if job.last_error and job.state != JobState.SUCCEEDED else ""))
+    print_line(f"{job.id} {styled(job.state)}" + (f": {escape(job.last_error)}" if job.last_error and job.state != JobState.SUCCEEDED else ""))
     return 0 if job.state == JobState.SUCCEEDED else 1
 
 
@@ -208,15 +208,15 @@ def jobs(args: argparse.Namespace) -> int:
 
     page = list_jobs(status=args.status, actor=args.actor, schedule=args.schedule, limit=args.limit, cursor=args.cursor)
     if args.json:
-        _print_json({"jobs": [job.to_dict() for job in page.jobs], "next_cursor": page.next_cursor})
+        print_json({"jobs": [job.to_dict() for job in page.jobs], "next_cursor": page.next_cursor})
         return 0
-    table = _table("id", "actor", "state", "attempts", "progress", "created")
+    table = make_table("id", "actor", "state", "attempts", "progress", "created")
     for job in page.jobs:
         percent = f"{job.progress_percent:.0f}%" if job.progress_percent is not None else ""
-        table.add_row(job.id, job.actor, _styled(job.state), str(job.attempts), percent, job.to_dict()["created_at"])
-    _print_table(table)
+        table.add_row(job.id, job.actor, styled(job.state), str(job.attempts), percent, job.to_dict()["created_at"])
+    print_table(table)
     if page.next_cursor:
-        _print_line(f"more: engine jobs --cursor {page.next_cursor}", markup=False)
+        print_line(f"more: engine jobs --cursor {page.next_cursor}", markup=False)
     return 0
 
 
@@ -227,7 +227,7 @@ def retry(args: argparse.Namespace) -> int:
     from .client import retry as retry_job
 
     job = retry_job(args.id)
-    _print_line(f"{job.id} {_styled(job.state)}")
+    print_line(f"{job.id} {styled(job.state)}")
     return 0
 
 
@@ -238,35 +238,37 @@ def cancel(args: argparse.Namespace) -> int:
 
     done = cancel_job(args.id)
     if args.json:
-        _print_json({"outcome": done.outcome, "job": done.job.to_dict()})
+        print_json({"outcome": done.outcome, "job": done.job.to_dict()})
         return 0
     notes = {
         CancelOutcome.CANCELED: "",
         CancelOutcome.REQUESTED: ": cancel requested, its worker is stopping it (engine status shows when)",
         CancelOutcome.ALREADY_FINISHED: ": already finished, nothing to cancel",
     }
-    _print_line(f"{done.job.id} {_styled(done.job.state)}{notes[done.outcome]}")
+    print_line(f"{done.job.id} {styled(done.job.state)}{notes[done.outcome]}")
     return 0
 
 
-# -- helpers -------------------------------------------------------------------------------------
+# -- output and arguments, shared by every command (scheduler.commands too) -----------------------
 
 
-def _styled(state: JobState) -> str:
+def styled(state: JobState) -> str:
+    """`state` in its colour, as rich markup."""
     return f"[{_STATE_STYLES[state]}]{state}[/]"
 
 
-def _print_line(text: str, *, markup: bool = True) -> None:
+def print_line(text: str, *, markup: bool = True) -> None:
     """Print `text` unwrapped: a long line runs on rather than break an id in two."""
     console.print(text, soft_wrap=True, highlight=False, markup=markup)
 
 
-def _table(*headers: str) -> Table:
-    # Only the widths rich computes can cut a cell: `_print_table` gives it room for all of them.
+def make_table(*headers: str) -> Table:
+    """A table whose cells fold rather than end in "…"; print it with `print_table`."""
+    # Only the widths rich computes can cut a cell: `print_table` gives it room for all of them.
     return Table(*(Column(header, overflow="fold") for header in headers))
 
 
-def _print_table(table: Table) -> None:
+def print_table(table: Table) -> None:
     """Print `table` with no cell cut short.
 
     On a terminal the table is at least as wide as its longest words (ids, states) need,
@@ -275,28 +277,40 @@ def _print_table(table: Table) -> None:
     """
     if not console.is_terminal:
         table.box, table.pad_edge = None, False
-    needed = Measurement.get(console, console.options.update_width(_UNLIMITED_WIDTH), table)
+    unlimited = console.options.update_width(_UNLIMITED_WIDTH)
+    # Squeezed, rich narrows the widest columns first, below their longest word: a column's
+    # minimum width is what keeps that word (a long schedule name, an id) whole.
+    for column in table.columns:
+        column.min_width = max(Measurement.get(console, unlimited, cell).minimum for cell in [column.header, *column.cells])
+    needed = Measurement.get(console, unlimited, table)
     width = max(console.width, needed.minimum) if console.is_terminal else needed.maximum
     # Console.print caps its width at the terminal's; a console of the needed width does not.
     Console(width=width, color_system=console.color_system, force_terminal=console.is_terminal).print(table)
 
 
-def _print_json(data: Any) -> None:
+def print_json(data: Any) -> None:
+    """`data` as indented JSON on stdout."""
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
-def _json_or_text(value: str) -> Any:
+def json_or_text(value: str) -> Any:
+    """A command-line value as JSON, or as the string itself when it is not JSON."""
     try:
         return json.loads(value)
     except ValueError:
         return value
 
 
-def _keyword(item: str) -> tuple[str, Any]:
+def keyword_argument(item: str) -> tuple[str, Any]:
+    """``name=value`` as (name, value), the value by `json_or_text`.
+
+    Raises:
+      EngineError: `item` has no ``=`` or its name is not an identifier.
+    """
     name, separator, value = item.partition("=")
     if not separator or not name.isidentifier():
         raise EngineError(f"--kwarg takes name=value, got {item!r}")
-    return name, _json_or_text(value)
+    return name, json_or_text(value)
 
 
 def _parser() -> argparse.ArgumentParser:

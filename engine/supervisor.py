@@ -1,5 +1,8 @@
 """The supervisor: runs worker processes, restarts those that die, and stops them all on SIGTERM.
 
+``engine run`` gives it more kinds of process to run beside the workers (`ProcessKind`): a
+scheduler and the API, restarted and stopped like workers.
+
 Each worker is a fresh interpreter (``python -m engine.worker``), never a fork of this process,
 so no database or broker connection is shared across processes. Workers read their settings
 from the environment, as this process does with `engine.settings.get_settings`.
@@ -66,9 +69,31 @@ def cpus_to_pin(mode: str, processes: int) -> Optional[list[int]]:
     return cpus
 
 
-#: The other kinds of process `engine run` supervises beside the workers, by name: each is
-#: started with ``--parent-pid`` and restarted like a dead worker.
-SCHEDULER = ("scheduler", [sys.executable, "-m", "scheduler"])
+@dataclass(frozen=True)
+class ProcessKind:
+    """A kind of process `engine run` supervises beside the workers: each is started with
+    ``--parent-pid`` and restarted like a dead worker.
+
+    Attributes:
+      name(str): what the logs call it (``scheduler``, ``api``).
+      command(list[str]): how it is started.
+      pass_fds(tuple[int, ...]): file descriptors it inherits (the API's listening socket).
+    """
+
+    name: str
+    command: list[str]
+    pass_fds: tuple[int, ...] = ()
+
+
+#: One scheduler process.
+SCHEDULER = ProcessKind("scheduler", [sys.executable, "-m", "scheduler"])
+
+
+def api_process(listener: socket.socket) -> ProcessKind:
+    """The API process, answering on `listener`: bound once by the supervisor's caller, so that
+    a restarted API keeps its port and connections made meanwhile wait in the backlog."""
+    fd = listener.fileno()
+    return ProcessKind("api", [sys.executable, "-m", "api", "--socket-fd", str(fd)], pass_fds=(fd,))
 
 
 def run_workers(
@@ -77,7 +102,7 @@ def run_workers(
     processes: int,
     threads: int,
     queues: Optional[list[str]] = None,
-    others: Sequence[tuple[str, list[str]]] = (),
+    others: Sequence[ProcessKind] = (),
 ) -> int:
     """Run worker processes until SIGTERM or SIGINT; see `Supervisor`.
 
@@ -89,7 +114,7 @@ def run_workers(
       processes(int): how many worker processes to keep running.
       threads(int): worker threads per process.
       queues(list[str]): the queues to consume; all declared queues when None.
-      others: more processes to supervise, each a (kind, command) such as `SCHEDULER`.
+      others: more processes to supervise, such as `SCHEDULER` and `api_process`.
 
     Returns:
       int: 0 after a stop by signal, `EXIT_CONFIG` when a worker could not start as configured.
@@ -103,8 +128,9 @@ class Slot:
 
     Attributes:
       index(int): the slot's number among those of its kind, as logged.
-      kind(str): ``worker``, or another kind (`SCHEDULER`).
+      kind(str): ``worker``, or another kind's name (`ProcessKind`).
       command(list[str]): how its process is started (``--parent-pid`` is added).
+      pass_fds(tuple[int, ...]): file descriptors its process inherits.
       process(Popen): the worker running in it; None while waiting for a restart.
       started_at(float): when `process` was started (monotonic).
       start_at(float): when to start the next worker (monotonic); None while one runs.
@@ -114,6 +140,7 @@ class Slot:
     index: int
     kind: str
     command: list[str]
+    pass_fds: tuple[int, ...] = ()
     process: Optional[subprocess.Popen[bytes]] = None
     started_at: float = 0.0
     start_at: Optional[float] = 0.0
@@ -129,7 +156,7 @@ class Supervisor:
       processes(int): how many worker processes to keep running.
       threads(int): worker threads per process.
       queues(list[str]): the queues to consume; all declared queues when None.
-      others: more processes, each a (kind, command), supervised the same way.
+      others: more processes, such as `SCHEDULER`, supervised the same way.
     """
 
     def __init__(
@@ -139,7 +166,7 @@ class Supervisor:
         processes: int,
         threads: int,
         queues: Optional[list[str]] = None,
-        others: Sequence[tuple[str, list[str]]] = (),
+        others: Sequence[ProcessKind] = (),
     ) -> None:
         if processes < 1 or threads < 1:
             raise ValueError(f"processes and threads must be at least 1, got {processes} and {threads}")
@@ -148,7 +175,7 @@ class Supervisor:
         if queues:
             command += ["--queues", ",".join(queues)]
         self.slots = [Slot(index, "worker", command) for index in range(processes)]
-        self.slots += [Slot(0, kind, other) for kind, other in others]
+        self.slots += [Slot(0, other.name, other.command, other.pass_fds) for other in others]
         self.cpus = cpus_to_pin(settings.pin_cpus, processes)
         self.store = Store(settings.store_url)
         self.host = socket.gethostname()
@@ -197,7 +224,7 @@ class Supervisor:
         if self.cpus and slot.kind == "worker":
             command += ["--cpu", str(self.cpus[slot.index % len(self.cpus)])]
         restarted = slot.started_at > 0
-        slot.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        slot.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, pass_fds=slot.pass_fds)
         slot.started_at, slot.start_at = time.monotonic(), None
         verb = "Restarted" if restarted else "Started"
         logger.info("{} {} {} (pid {}).", verb, slot.kind, slot.index, slot.process.pid)

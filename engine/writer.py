@@ -9,16 +9,16 @@ writer thread per process takes every write that is waiting, applies them in one
 that wait for them. A batch that is one statement is committed by it, without a transaction
 around it (see `GroupCommit`).
 
-A batch is the writes waiting when the writer is free, and those that follow them. Each
-commit costs PostgreSQL about 0.25 ms whatever its size (the statement, the flush of its log),
-and the writes of a busy process come in bursts: the threads that one commit releases each end
-their job and ask to start the next. Taking only what was waiting, the writer took the first
-of them alone, and the threads ran as two half-sized groups, one committed while the other
-ran. So a write can say how many writes will follow it once it is committed (a job's start:
-the job's end and the next start), and the batch after it waits for them, for `GATHER_MAX_S`
-at most; otherwise a batch takes the writes that come within `GATHER_GAP_S` of the last.
-A lone write waits one gap (0.1 ms); a write that comes while a batch is being committed goes
-into the next one.
+A batch is the writes waiting when the writer is free, and those that come right after them.
+Each commit costs the database about the same whatever its size (the statement, the flush of
+its log), and the writes of a busy process come in bursts: the threads that one commit
+releases each end their job and ask to start the next. Taking only what was waiting, the
+writer would take the first of them alone, and the threads would run as two half-sized
+groups, one committed while the other runs. So a write can say how many writes its caller
+will hand in once it is committed (a job's start: the job's end and the next start), and the
+batch after it waits for them, for `GATHER_MAX_S` at most; otherwise a batch takes the writes
+that come within `GATHER_GAP_S` of the last. A lone write waits one gap; a write that comes
+while a batch is being committed goes into the next one.
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ os.register_at_fork(after_in_child=_forked)
 
 class Pending(Generic[R]):
     """The outcome of a write another thread does: `concurrent.futures.Future`'s interface
-    (``result``, ``exception``, ``done``, ``add_done_callback``), on one lock and no condition
-    variable, since a job makes two or three of them.
+    (``result``, ``exception``, ``done``, ``add_done_callback``, and their ``timeout`` in
+    seconds), on one lock and no condition variable, since a job makes two or three of them.
 
     Callbacks run on the thread that settles it, or at once if it is settled already.
     """
@@ -148,7 +148,8 @@ class Pending(Generic[R]):
 
 
 def wait_all(pending: list[Pending[Any]], timeout: Optional[float] = None) -> bool:
-    """Wait until each is settled; False if `timeout` seconds passed first."""
+    """Wait until each is settled; False if `timeout` seconds passed first (as
+    `concurrent.futures.wait`)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     return all(each.wait(None if deadline is None else deadline - time.monotonic()) for each in pending)
 
@@ -174,9 +175,9 @@ class BatchThread(Generic[T]):
       gather_gap_s(float): a batch also takes the items that come within this many seconds of
         the last one it took (0: only those waiting) ...
       gather_max_s(float): ... for this many seconds at most after its first.
-      followers: how many items handling an item brings soon (its thread, released, hands in
-        its next ones). A batch that follows a batch with followers waits for them instead of
-        a gap, for `gather_max_s` at most.
+      next_items: how many items handling an item brings soon (its thread, released, hands in
+        its next ones). The batch after one whose items announced some waits for them instead
+        of a gap, for `gather_max_s` at most.
     """
 
     def __init__(
@@ -188,7 +189,7 @@ class BatchThread(Generic[T]):
         capacity: int = 0,
         gather_gap_s: float = 0.0,
         gather_max_s: float = 0.0,
-        followers: Optional[Callable[[T], int]] = None,
+        next_items: Optional[Callable[[T], int]] = None,
     ) -> None:
         self.name = name
         self.handler = handler
@@ -196,8 +197,8 @@ class BatchThread(Generic[T]):
         self.capacity = capacity
         self.gather_gap_s = gather_gap_s
         self.gather_max_s = gather_max_s
-        self.followers = followers
-        self._awaited = 0  # how many items the next batch waits for (see `_await_followers`)
+        self.next_items = next_items
+        self._awaited = 0  # how many items the next batch waits for (see `_expect_next_items`)
         # SimpleQueue's put and get are C code under the GIL, without the Python-level locks
         # of queue.Queue: those made senders and the thread convoy on each other.
         self._items: queue.SimpleQueue[Optional[T]] = queue.SimpleQueue()
@@ -218,17 +219,17 @@ class BatchThread(Generic[T]):
         """How many items wait to be taken."""
         return self._items.qsize()
 
-    def close(self, timeout: Optional[float] = None) -> None:
+    def close(self, timeout_s: Optional[float] = None) -> None:
         """Handle what was handed in, then stop the thread (a later `put` starts a new one).
 
         Parameters:
-          timeout(float): seconds to wait at most; what is left is lost with the process.
+          timeout_s(float): seconds to wait at most; what is left is lost with the process.
         """
         with self._lock:
             thread, self._thread = self._thread, None
         if thread is not None:
             self._items.put(None)
-            thread.join(timeout)
+            thread.join(timeout_s)
 
     def _ensure_thread(self) -> None:
         if self._thread is not None and self._pid == current_pid:
@@ -249,34 +250,34 @@ class BatchThread(Generic[T]):
                 batch = self._gather(first)
                 self._room.set()
                 handle(batch)
-                self._await_followers(batch)
+                self._expect_next_items(batch)
         finally:
             handle.close()
 
-    def _await_followers(self, batch: list[T]) -> None:
-        """After `batch`: the next batch is to wait for the items waiting now and the followers
-        of `batch`, if it has any."""
-        expected = sum(map(self.followers, batch)) if self.followers is not None else 0
+    def _expect_next_items(self, batch: list[T]) -> None:
+        """After `batch`: the next batch is to wait for the items waiting now and the items
+        `batch` announced (`next_items`), if it announced any."""
+        expected = sum(map(self.next_items, batch)) if self.next_items is not None else 0
         self._awaited = self._items.qsize() + expected if expected else 0
 
     def _gather(self, first: T) -> list[T]:
-        """`first`, the items waiting behind it, and those that follow: the followers of the
-        last batch if it had any (`followers`), else those that come closely (`gather_gap_s`)."""
+        """`first`, the items waiting behind it, and those that come next: the items the last
+        batch announced if it did (`next_items`), else those that come closely (`gather_gap_s`)."""
         batch = [first]
         until = time.monotonic() + self.gather_max_s
         while len(batch) < self.max_batch:
             try:
                 more = self._items.get_nowait()
             except queue.Empty:
-                left = until - time.monotonic()
+                left_s = until - time.monotonic()
                 if self._awaited:
-                    wait = left if len(batch) < self._awaited else 0.0
+                    wait_s = left_s if len(batch) < self._awaited else 0.0
                 else:
-                    wait = min(self.gather_gap_s, left)
-                if wait <= 0:
+                    wait_s = min(self.gather_gap_s, left_s)
+                if wait_s <= 0:
                     break
                 try:
-                    more = self._items.get(timeout=wait)
+                    more = self._items.get(timeout=wait_s)
                 except queue.Empty:
                     break
             if more is None:
@@ -289,9 +290,9 @@ class BatchThread(Generic[T]):
 class _Write(NamedTuple):
     apply: Apply[Any, Any]
     item: Any
-    patient: bool
+    waits_out_outage: bool
     future: Pending[Any]
-    followers: int
+    next_writes: int
 
 
 class GroupCommit:
@@ -307,13 +308,13 @@ class GroupCommit:
 
     Batches are committed one at a time, in the order their writes were handed in: a write is
     never committed before one handed in earlier (the embedded broker's acks rely on it). One
-    thread is enough: a second, on a connection of its own, made batches smaller and slower
-    (its Python competes for the same GIL).
+    thread is enough: a second, on a connection of its own, would make batches smaller and
+    slower (its Python competes for the same GIL).
 
-    A patient write (the worker's start and end of a job) waits out a database outage: it is
+    A write may wait out a database outage (the worker's start and end of a job do): it is then
     tried again, with growing pauses, for as long as the database is down, since a worker can
-    neither run a job it could not record nor acknowledge one whose end it could not record. An
-    impatient one fails with the outage error. A write that fails for any other reason fails
+    neither run a job it could not record nor acknowledge one whose end it could not record.
+    Any other write fails with the outage error. A write that fails for any other reason fails
     alone: its batch is committed again without it.
     """
 
@@ -326,39 +327,46 @@ class GroupCommit:
             max_batch=MAX_BATCH,
             gather_gap_s=GATHER_GAP_S,
             gather_max_s=GATHER_MAX_S,
-            followers=_followers,
+            next_items=_next_writes,
         )
 
-    def write(self, apply: Apply[T, R], item: T, *, patient: bool = True, followers: int = 0) -> R:
+    def write(
+        self, apply: Apply[T, R], item: T, *, wait_out_outage: bool = True, next_writes: int = 0
+    ) -> R:
         """Commit one item with the next batch and return its result (see `submit`)."""
-        return self.submit(apply, item, patient=patient, followers=followers).result()
+        return self.submit(apply, item, wait_out_outage=wait_out_outage, next_writes=next_writes).result()
 
-    def submit(self, apply: Apply[T, R], item: T, *, patient: bool = True, followers: int = 0) -> Pending[R]:
+    def submit(
+        self, apply: Apply[T, R], item: T, *, wait_out_outage: bool = True, next_writes: int = 0
+    ) -> Pending[R]:
         """Hand `item` to the writer, to be applied by `apply` with the other items of its kind
         in the next batch. Returns at once; the future is done when the write is committed (its
         callbacks then run on the writer thread), or has failed.
 
-        `followers`: how many writes the caller will hand in soon after this one is committed
-        (a worker thread, once its job's start is: the job's end and the next job's start). The
-        batch after this one waits for them, for `GATHER_MAX_S` at most.
+        Parameters:
+          wait_out_outage(bool): try it again for as long as the database is unreachable,
+            instead of failing with the outage's error.
+          next_writes(int): how many writes the caller will hand in soon after this one is
+            committed (a worker thread, once its job's start is: the job's end and the next
+            job's start). The batch after this one waits for them, for `GATHER_MAX_S` at most.
         """
         future: Pending[R] = Pending()
-        self._thread.put(_Write(apply, item, patient, future, followers))
+        self._thread.put(_Write(apply, item, wait_out_outage, future, next_writes))
         return future
 
-    def flush(self, timeout: Optional[float] = None) -> bool:
+    def flush(self, timeout_s: Optional[float] = None) -> bool:
         """Wait until every write handed in so far is committed (or has failed): batches are
-        committed in order, so until a write handed in now is. False if `timeout` ran out."""
-        return self.submit(_nothing, None).wait(timeout)
+        committed in order, so until a write handed in now is. False if `timeout_s` ran out."""
+        return self.submit(_nothing, None).wait(timeout_s)
 
-    def close(self, timeout: Optional[float] = None) -> None:
+    def close(self, timeout_s: Optional[float] = None) -> None:
         """Commit what was handed in, then stop the thread (a later write starts a new one).
 
         Parameters:
-          timeout(float): seconds to wait at most, for a database that is down; the writes
+          timeout_s(float): seconds to wait at most, for a database that is down; the writes
             left are then lost with the process, and their messages delivered again.
         """
-        self._thread.close(timeout)
+        self._thread.close(timeout_s)
 
 
 class _Writer:
@@ -384,9 +392,9 @@ class _Writer:
             except OUTAGE_ERRORS as error:
                 self.disconnect(broken=True)
                 for write in batch:
-                    if not write.patient:
+                    if not write.waits_out_outage:
                         write.future.set_exception(error)
-                batch = [write for write in batch if write.patient]
+                batch = [write for write in batch if write.waits_out_outage]
                 if batch:
                     logger.warning("The store is unreachable ({}); retrying in {:.1f} s.", type(error).__name__, backoff.next_s)
                     backoff.pause()
@@ -436,8 +444,8 @@ class _Writer:
         connection.close()
 
 
-def _followers(write: _Write) -> int:
-    return write.followers
+def _next_writes(write: _Write) -> int:
+    return write.next_writes
 
 
 def _nothing(connection: Connection, items: list[None]) -> list[None]:

@@ -8,18 +8,15 @@ many as you like, on any hosts: they share the store's ledger, and each fire tim
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
+from dramatiq import Broker
 from loguru import logger
 
 from engine.app import get_store
-from engine.errors import ConfigError
-from engine.logging import setup_logging
-from engine.settings import Settings, get_settings
-from engine.lifetime import die_with_parent
-from engine.worker import EXIT_CONFIG, EXIT_KILLED, _config_error, _StopSignals
+from engine.settings import Settings
+from engine.worker import run_engine_process
 
 from .definition import Origin, Schedule
 from .file import apply_schedules, read_schedules_file
@@ -66,26 +63,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scheduler", description="Run one scheduler process.")
     parser.add_argument("--parent-pid", type=int, help="the supervisor's pid: exit when it dies")
     args = parser.parse_args(argv)
-    if args.parent_pid is not None and not die_with_parent(args.parent_pid):
-        return EXIT_KILLED
-    stop = _StopSignals(supervised=args.parent_pid is not None)
-    try:
-        settings = get_settings()
-        setup_logging(settings)
-        broker = importlib.import_module("engine.actors").broker
+
+    def start(settings: Settings, broker: Broker) -> Callable[[], None]:
         store = get_store()
         apply_configured_schedules(Ledger(store), settings, list(broker.get_declared_actors()))
-    except ConfigError as error:
-        return _config_error(str(error))
-    except ImportError as error:
-        return _config_error(f"cannot import the actors: {error}")
-    scheduler = Scheduler(broker, store)
-    scheduler.start()
-    stop.wait()
-    logger.info("Stopping the scheduler.")
-    scheduler.stop()
-    broker.close()
-    return 0
+        scheduler = Scheduler(broker, store)
+        scheduler.start()
+
+        def stop() -> None:
+            logger.info("Stopping the scheduler.")
+            scheduler.stop()
+
+        return stop
+
+    return run_engine_process("engine scheduler", start, parent_pid=args.parent_pid)
 
 
 if __name__ == "__main__":

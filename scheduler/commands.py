@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
-console = Console()
+from engine.cli import json_or_text, keyword_argument, make_table, print_json, print_line, print_table
 
 
 def scheduler(args: argparse.Namespace) -> int:
@@ -27,17 +25,18 @@ def schedules(args: argparse.Namespace) -> int:
 
     listed = engine.list_schedules()
     if args.json:
-        return _print_json([each.to_dict() for each in listed])
-    table = Table("name", "actor", "cron", "zone", "state", "last fire", "next fire")
+        print_json([each.to_dict() for each in listed])
+        return 0
+    table = make_table("name", "actor", "cron", "zone", "state", "last fire", "next fire")
     for each in listed:
         last = each.last_fire
         table.add_row(
-            each.schedule.name, each.schedule.actor, each.schedule.cron, each.schedule.timezone,
+            escape(each.schedule.name), each.schedule.actor, each.schedule.cron, each.schedule.timezone,
             "enabled" if each.schedule.enabled else "[yellow]paused[/]",
             f"{_local(last.fire_time, each.schedule.timezone)} {last.outcome}" if last else "",
             each.next_fire_time.isoformat(sep=" ") if each.next_fire_time else "",
         )  # fmt: skip
-    console.print(table)
+    print_table(table)
     return 0
 
 
@@ -49,22 +48,21 @@ def show(args: argparse.Namespace) -> int:
     fires = engine.schedule_fires(args.name, limit=args.fires)
     upcoming = engine.preview_schedule(args.name, args.next) if info.schedule.enabled else []
     if args.json:
-        return _print_json(
-            {**info.to_dict(), "next_fire_times": [each.isoformat() for each in upcoming], "fires": [fire.to_dict() for fire in fires]}
-        )
+        print_json({**info.to_dict(), "next_fire_times": [each.isoformat() for each in upcoming], "fires": [fire.to_dict() for fire in fires]})
+        return 0
     definition = info.schedule.model_dump(mode="json")
-    console.print(f"[bold]{info.schedule.name}[/bold]  ({info.origin})", highlight=False)
+    print_line(f"[bold]{escape(info.schedule.name)}[/bold]  ({info.origin})")
     for name, value in definition.items():
         if name != "name":
-            console.print(f"  {name}: {json.dumps(value) if isinstance(value, (list, dict)) else value}", highlight=False)
-    console.print("  next: " + (", ".join(each.isoformat(sep=" ") for each in upcoming) or "paused"), highlight=False)
-    table = Table("fire time", "outcome", "job", "recorded", "by")
+            print_line(f"  {name}: {json.dumps(value) if isinstance(value, (list, dict)) else value}", markup=False)
+    print_line("  next: " + (", ".join(each.isoformat(sep=" ") for each in upcoming) or "paused"))
+    table = make_table("fire time", "outcome", "job", "recorded", "by")
     for fire in fires:
         table.add_row(
             _local(fire.fire_time, info.schedule.timezone), fire.outcome, fire.job_id or "",
             f"+{fire.recorded_at - fire.fire_time:.3f} s", fire.scheduler,
         )  # fmt: skip
-    console.print(table)
+    print_table(table)
     return 0
 
 
@@ -73,11 +71,9 @@ def add(args: argparse.Namespace) -> int:
     import engine.actors  # noqa: F401  (registers every actor, so the name can be checked)
     from engine import set_schedule
 
-    from engine.cli import _json_or_text, _keyword
-
     fields: dict[str, Any] = {
-        "args": [_json_or_text(value) for value in args.args],
-        "kwargs": dict(_keyword(item) for item in args.kwarg),
+        "args": [json_or_text(value) for value in args.args],
+        "kwargs": dict(keyword_argument(item) for item in args.kwarg),
         "timezone": args.timezone,
         "misfire": args.misfire,
         "overlap": not args.no_overlap,
@@ -87,20 +83,20 @@ def add(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     info = set_schedule(args.name, args.actor, args.cron, **fields)
-    console.print(f"{info.schedule.name}: next fire {info.next_fire_time.isoformat(sep=' ') if info.next_fire_time else 'none (paused)'}")
+    print_line(f"{info.schedule.name}: next fire {info.next_fire_time.isoformat(sep=' ') if info.next_fire_time else 'none (paused)'}", markup=False)
     return 0
 
 
-def _by_name(action: Callable[[str], Any], done: str) -> Callable[[argparse.Namespace], int]:
+def _by_name(action: Callable[[str], Any], done: str, purpose: str) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
         if action.__name__ == "run_schedule":
             import engine.actors  # noqa: F401  (the broker must know the actor to send it)
         result = action(args.name)
         detail = f" (job {result.id})" if getattr(result, "id", None) else ""
-        console.print(f"{args.name}: {done}{detail}", highlight=False)
+        print_line(f"{args.name}: {done}{detail}", markup=False)
         return 0
 
-    command.__doc__ = f"{done.capitalize()} a schedule."
+    command.__doc__ = purpose
     return command
 
 
@@ -138,13 +134,13 @@ def add_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     sub.add_argument("--priority", type=int)
     sub.add_argument("--paused", action="store_true", help="create it paused")
 
-    for name, function, done in (
-        ("pause", engine.pause_schedule, "paused"),
-        ("resume", engine.resume_schedule, "resumed"),
-        ("run", engine.run_schedule, "job created now"),
-        ("delete", engine.delete_schedule, "deleted"),
+    for name, function, done, purpose in (
+        ("pause", engine.pause_schedule, "paused", "Pause a schedule: it fires no more until resumed."),
+        ("resume", engine.resume_schedule, "resumed", "Resume a paused schedule from its next fire time."),
+        ("run", engine.run_schedule, "job created now", "Create the schedule's job now, outside its cron times."),
+        ("delete", engine.delete_schedule, "deleted", "Delete a schedule and its fire ledger; its jobs stay."),
     ):
-        action(name, _by_name(function, done)).add_argument("name")
+        action(name, _by_name(function, done, purpose)).add_argument("name")
 
 
 def _local(epoch: float, zone: str) -> str:
@@ -152,7 +148,3 @@ def _local(epoch: float, zone: str) -> str:
 
     return datetime.fromtimestamp(epoch, timezone.utc).astimezone(ZoneInfo(zone)).isoformat(sep=" ")
 
-
-def _print_json(data: Any) -> int:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
-    return 0

@@ -24,8 +24,8 @@ from typing import Any, Iterable, NamedTuple, Optional
 from sqlalchemy import Connection, bindparam, delete, func, select, text, update
 
 from engine.job import FINISHED_STATES
-from engine.schema import jobs, schedule_fires, schedule_versions, schedules
 from engine.store import Store
+from engine.store.schema import jobs, schedule_fires, schedule_versions, schedules
 
 from .definition import Origin, Schedule, ScheduleNotFound
 
@@ -64,7 +64,7 @@ class StoredSchedule:
     origin: Origin
     created_at: float
     updated_at: float
-    active_since: float  # fire times before this are not due (see `engine.schema`)
+    active_since: float  # fire times before this are not due (see `engine.store.schema`)
 
 
 class Claim(NamedTuple):
@@ -112,7 +112,7 @@ class Ledger:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._insert = store._insert  # the dialect's INSERT, with ON CONFLICT
+        self._insert = store.dialect.insert  # the dialect's INSERT, with ON CONFLICT
 
     # -- definitions -----------------------------------------------------------------------------
 

@@ -362,7 +362,7 @@ def record_jobs(broker: Broker, connection: Connection, created: Iterable[tuple[
     for record, (_, name, fire_time) in zip(records, created):
         record.row.update(schedule=name, fire_time=fire_time)
     if records:
-        tracking.store.record_enqueues(connection, records)
+        tracking.store.dialect.record_enqueues(connection, records)
 
 
 def send_recorded(broker: Broker, messages: list[Message]) -> None:

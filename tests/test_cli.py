@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.support.processes import run_process, start_process
+from tests.support.processes import run_process, start_process, wait_for
 
 #: The console script a user runs, not ``python -m engine.cli`` (which puts the cwd on sys.path).
 ENGINE = str(Path(sys.executable).with_name("engine"))
@@ -116,7 +116,8 @@ def project(tmp_path_factory) -> Path:
 def project_env(project) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items() if not name.startswith("ENGINE_")}
     env.pop("PYTHONPATH", None)
-    return {**env, "ENGINE_STORE_URL": f"sqlite:///{project}/engine.db", "ENGINE_ACTOR_MODULES": "myapp.jobs"}
+    # ENGINE_API_PORT=0: `engine run` serves the API on any free port, not on another test's.
+    return {**env, "ENGINE_STORE_URL": f"sqlite:///{project}/engine.db", "ENGINE_ACTOR_MODULES": "myapp.jobs", "ENGINE_API_PORT": "0"}
 
 
 def engine_in(project: Path, env: dict[str, str], *args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
@@ -212,18 +213,22 @@ def in_terminal(project: Path, env: dict[str, str], *args: str, columns: int) ->
     return _without_styles(output.decode())
 
 
+def narrow_output(project: Path, env: dict[str, str], where: str, *args: str) -> str:
+    """The output of `engine` 30 columns wide, on a terminal or piped."""
+    if where == "terminal":
+        return in_terminal(project, env, *args, columns=30)
+    done = engine_in(project, env, *args, COLUMNS="30")
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 @pytest.mark.parametrize("command", ["jobs", "status"])
 @pytest.mark.parametrize("where", ["piped", "terminal"])
 def test_ids_and_states_are_never_cut_however_narrow_the_output(project, project_env, finished_jobs, command, where):
     outputs = []
     for state, job_id in finished_jobs.items():
         args = ["jobs", "--status", state] if command == "jobs" else ["status", job_id]
-        if where == "piped":
-            done = engine_in(project, project_env, *args, COLUMNS="30")
-            assert done.returncode == 0, done.stderr
-            output = done.stdout
-        else:
-            output = in_terminal(project, project_env, *args, columns=30)
+        output = narrow_output(project, project_env, where, *args)
         outputs.append(output)
 
         assert job_id in output and state in output, output
@@ -234,3 +239,39 @@ def test_ids_and_states_are_never_cut_however_narrow_the_output(project, project
         # One row a line, with no borders, for grep and awk.
         rows = [line.split() for line in outputs[0].splitlines() if finished_jobs["succeeded"] in line]
         assert rows and rows[0][0] == finished_jobs["succeeded"], outputs[0]
+
+
+@pytest.fixture(scope="module")
+def schedule_fired(project, project_env, running_engine) -> tuple[str, str]:
+    """A long-named schedule that the running engine's scheduler fired (its job's id), then
+    paused, and another paused one beside it."""
+    name = "nightly-greeting-for-every-customer-account"
+    for args in ([name, "greet", "* * * * * *", "bob"], [f"{name}-paused", "greet", "0 4 * * *", "eve", "--paused"]):
+        done = engine_in(project, project_env, "schedules", "add", *args)
+        assert done.returncode == 0, done.stderr
+
+    def fired() -> list[dict]:
+        return json.loads(engine_in(project, project_env, "schedules", "show", name, "--json").stdout)["fires"]
+
+    wait_for(fired, 30, "a fire of the every-second schedule")
+    assert engine_in(project, project_env, "schedules", "pause", name).returncode == 0
+    [newest, *_] = fired()  # after the pause: no later fire than those `show` lists
+    assert newest["outcome"] == "enqueued", newest
+    return name, newest["job_id"]
+
+
+@pytest.mark.parametrize("command", ["schedules", "schedules show"])
+@pytest.mark.parametrize("where", ["piped", "terminal"])
+def test_schedule_names_ids_and_states_are_never_cut_however_narrow_the_output(project, project_env, schedule_fired, command, where):
+    name, job_id = schedule_fired
+    args = ["schedules"] if command == "schedules" else ["schedules", "show", name]
+    output = narrow_output(project, project_env, where, *args)
+
+    assert "…" not in output, output
+    if command == "schedules":
+        assert name in output and f"{name}-paused" in output and "paused" in output and "enqueued" in output, output
+    else:
+        assert name in output and job_id in output and "enqueued" in output, output
+    if where == "piped":
+        rows = [line.split() for line in output.splitlines() if name in line or job_id in line]
+        assert rows and (rows[0][0] == name or job_id in rows[0]), output

@@ -6,12 +6,15 @@ signal it, or its whole process group as a Ctrl-C would, and clean up everything
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from contextlib import suppress
 from pathlib import Path
 from typing import Callable, Iterator
@@ -289,3 +292,106 @@ def test_a_malformed_setting_stops_the_supervisor_before_any_worker(start_superv
     assert supervisor.process.wait(timeout=15) != 0
     assert "ENGINE_BROKER_URL" in supervisor.output()
     assert "Started worker" not in supervisor.output()
+
+
+# -- engine run: the API, a scheduler and the workers ------------------------------------------------
+
+API_ADDRESS = re.compile(r"API listening on (http://[\d.]+:\d+)")
+
+
+def get_json(url: str) -> tuple[int, object]:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.status, json.loads(response.read())
+
+
+def children_by_kind(pid: int) -> dict[str, int]:
+    """The live children of `pid`, by the module they run (``engine.worker``, ``scheduler``, ``api``)."""
+    found = {}
+    for child in psutil.Process(pid).children():
+        with suppress(psutil.NoSuchProcess):
+            command = child.cmdline()
+            if alive(child.pid) and "-m" in command:
+                found[command[command.index("-m") + 1]] = child.pid
+    return found
+
+
+@pytest.fixture
+def engine_run(tmp_path, engine_env) -> Iterator[subprocess.Popen]:
+    """``engine run`` in tmp_path, in its own session, the API on any free port."""
+    log = open(tmp_path / "engine.log", "wb")
+    process = start_process(
+        [sys.executable, "-m", "engine.cli", "run", "--processes", "1", "--threads", "1"],
+        env=process_env(engine_env, ENGINE_API_PORT="0"),
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    yield process
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+    log.close()
+
+
+def test_engine_run_serves_the_api_restarts_it_and_stops_everything_on_one_sigterm(engine_run, tmp_path):
+    log = tmp_path / "engine.log"
+    addresses = lambda: API_ADDRESS.findall(log.read_text(errors="replace"))  # noqa: E731
+    [url] = wait_for(addresses, 30, "the API's address in the log")
+    assert get_json(f"{url}/healthz")[0] == 200
+    status, page = get_json(f"{url}/api/jobs")
+    assert status == 200 and page == {"jobs": [], "next_cursor": None}
+    children = wait_for(lambda: children_by_kind(engine_run.pid) if len(children_by_kind(engine_run.pid)) == 3 else None, 20, "three children")
+    assert set(children) == {"engine.worker", "scheduler", "api"}
+
+    os.kill(children["api"], signal.SIGKILL)
+
+    wait_for(lambda: len(addresses()) == 2, 30, f"the restarted API\n{log.read_text()}")
+    # The same socket, inherited from the supervisor: the restarted API keeps the port.
+    assert addresses() == [url, url]
+    assert get_json(f"{url}/healthz")[0] == 200
+    restarted = children_by_kind(engine_run.pid)
+    assert restarted["api"] != children["api"] and restarted["engine.worker"] == children["engine.worker"]
+
+    engine_run.send_signal(signal.SIGTERM)
+
+    assert engine_run.wait(timeout=SHUTDOWN_TIMEOUT_S / 2) == 0
+    assert not any(alive(pid) for pid in restarted.values())
+    assert "killing it" not in log.read_text()  # each stopped by itself
+
+
+def test_two_engine_runs_side_by_side_each_serve_their_own_api(tmp_path, engine_env):
+    started = []
+    try:
+        for name in ("one", "two"):
+            (tmp_path / name).mkdir()
+            env = process_env(engine_env, ENGINE_STORE_URL=f"sqlite:///{tmp_path / name}/engine.db", ENGINE_API_PORT="0")
+            log = tmp_path / name / "engine.log"
+            with open(log, "wb") as out:
+                process = start_process(
+                    [sys.executable, "-m", "engine.cli", "run", "--processes", "1", "--threads", "1"],
+                    env=env, cwd=tmp_path / name, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                )  # fmt: skip
+            started.append((process, log))
+        urls = [wait_for(lambda: API_ADDRESS.findall(log.read_text()), 30, f"the API of {log}")[0] for _process, log in started]
+        assert urls[0] != urls[1]
+        assert all(get_json(f"{url}/healthz")[0] == 200 for url in urls)
+    finally:
+        for process, _log in started:
+            with suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+def test_engine_run_reports_a_taken_api_port_in_one_line_and_starts_nothing(tmp_path, engine_env):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        done = run_process(
+            [sys.executable, "-m", "engine.cli", "run"],
+            env=process_env(engine_env, ENGINE_API_PORT=str(port)),
+            cwd=tmp_path, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+
+    assert done.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr
+    assert "Started worker" not in done.stdout + done.stderr

@@ -1,5 +1,5 @@
 """Group commit: writes from many threads committed together, in order, each told its own
-outcome; a database outage waited out by patient writes only."""
+outcome; a database outage waited out by the writes that are to wait it out, and only those."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def test_a_failing_write_fails_alone_and_its_batch_is_committed_without_it(store
     assert notes(store) == [1, 2, 3]
 
 
-def test_a_patient_write_waits_out_an_outage_and_an_impatient_one_fails(store, writer, monkeypatch):
+def test_a_write_that_waits_out_outages_does_and_another_fails(store, writer, monkeypatch):
     monkeypatch.setattr("engine.writer.OUTAGE_MAX_PAUSE_S", 0.05)
     down = {"left": 3}
 
@@ -90,11 +90,11 @@ def test_a_patient_write_waits_out_an_outage_and_an_impatient_one_fails(store, w
             raise OperationalError("INSERT", {}, Exception("the database is down"))
         return items
 
-    impatient = writer.submit(flaky, "now", patient=False)
-    patient = writer.submit(flaky, "whenever")
+    failing = writer.submit(flaky, "now", wait_out_outage=False)
+    waiting = writer.submit(flaky, "whenever")
 
-    assert patient.result(timeout=5) == "whenever"
-    assert isinstance(impatient.exception(), OperationalError)
+    assert waiting.result(timeout=5) == "whenever"
+    assert isinstance(failing.exception(), OperationalError)
 
 
 def test_a_pending_write_runs_its_callbacks_once_whenever_they_are_added():
@@ -137,7 +137,7 @@ def test_items_that_follow_closely_join_the_batch_of_the_first():
     thread = BatchThread("gather", lambda: handler, max_batch=100, gather_gap_s=0.5, gather_max_s=10)
 
     put_spaced(thread, range(5), 0.02)
-    thread.close(timeout=5)
+    thread.close(timeout_s=5)
 
     assert [batch for _, batch in handler.batches] == [[0, 1, 2, 3, 4]]
 
@@ -149,28 +149,28 @@ def test_a_lone_item_waits_one_gap_and_a_stream_is_cut_at_the_longest_gathering(
     lone.put(1)
     assert handler.handled.wait(timeout=5)
     assert handler.batches[0][0] - put_at < 5  # the gap, not the 30 s of gathering
-    lone.close(timeout=5)
+    lone.close(timeout_s=5)
 
     stream = Batches()
     thread = BatchThread("gather", lambda: stream, max_batch=100, gather_gap_s=5, gather_max_s=0.2)
     put_spaced(thread, range(20), 0.05)  # one second of items, each well within the gap
-    thread.close(timeout=10)
+    thread.close(timeout_s=10)
 
     assert [n for _, batch in stream.batches for n in batch] == list(range(20))
     assert len(stream.batches) >= 2
 
 
-def test_the_batch_after_one_with_followers_waits_for_them():
+def test_the_batch_after_one_that_announced_next_items_waits_for_them():
     handler = Batches()
-    # No gap: without followers, each item spaced out below would be a batch of its own.
+    # No gap: without items announced, each item spaced out below would be a batch of its own.
     thread = BatchThread(
-        "gather", lambda: handler, max_batch=100, gather_max_s=10, followers=lambda n: 2 if n == 0 else 0
+        "gather", lambda: handler, max_batch=100, gather_max_s=10, next_items=lambda n: 2 if n == 0 else 0
     )
     thread.put(0)
     assert handler.handled.wait(timeout=5)
 
-    put_spaced(thread, range(1, 3), 0.05)  # the two followers of 0
-    thread.put(3)  # comes alone: 1 and 2 have no followers
-    thread.close(timeout=5)
+    put_spaced(thread, range(1, 3), 0.05)  # the two items 0 announced
+    thread.put(3)  # comes alone: 1 and 2 announced none
+    thread.close(timeout_s=5)
 
     assert [batch for _, batch in handler.batches] == [[0], [1, 2], [3]]

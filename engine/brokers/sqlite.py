@@ -2,7 +2,7 @@
 needs no RabbitMQ. Any process that opens the store can send; any number of worker processes
 consume from the same file.
 
-- A message is a row of `engine.schema.messages`: it survives restarts, and it is inserted in
+- A message is a row of `engine.store.schema.messages`: it survives restarts, and it is inserted in
   the same transaction as the job row that the Tracking middleware writes before it.
 - Its due time is the row's ``eta``: consumers claim only due rows, so there are no delay queues.
 - A claimed row is leased (``leased_until``, ``lease_owner``). The lease is renewed in the
@@ -35,7 +35,7 @@ from loguru import logger
 from sqlalchemy import Connection, Executable, Row, and_, case, delete, func, or_, select, update
 from sqlalchemy.exc import OperationalError
 
-from ..schema import messages
+from ..store.schema import messages
 from ..store import Store
 from ..tracked_broker import TrackedBroker
 from ..writer import Apply, Pending
@@ -71,8 +71,8 @@ class SQLiteBroker(HookDispatch, TrackedBroker, Broker):
         self, store: Store, *, middleware: Optional[list[Middleware]] = None, lease_s: float = 15.0
     ) -> None:
         super().__init__(middleware=middleware)
-        database = store.engine.url.database
-        if store.engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        database = store.database_file
+        if not database:
             raise ValueError(f"the SQLite broker needs a SQLite database file, not {store.url!r}")
 
         self.logger = get_logger(__name__, type(self))

@@ -311,8 +311,8 @@ class _Channel:
 def _channel_for(store: Store, broker_url: Optional[str]) -> Optional[_Channel]:
     if broker_url:
         return _Exchange(broker_url)
-    database = store.engine.url.database
-    if store.engine.dialect.name == "sqlite" and database and database != ":memory:":
+    database = store.database_file
+    if database:
         return _Sockets(Path(os.path.abspath(database + ".cancel")))
     return None  # nothing to share: the workers poll the store
 

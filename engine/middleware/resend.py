@@ -31,7 +31,7 @@ from ..errors import EngineError
 from ..store import Store
 from ..tracked_broker import TrackedBroker, sending_now
 
-#: The name of the store's lock that the worker process that looks holds (see `Store.lead`).
+#: The name of the store's lock that the worker process that looks holds (see `Store.hold_lock`).
 RESEND_LOCK = "engine.resend"
 
 
@@ -67,7 +67,7 @@ class Resend(Middleware):
     def resend(self, broker: TrackedBroker) -> int:
         """Look once; returns how many jobs were sent again."""
         try:
-            if not self.store.lead(RESEND_LOCK):
+            if not self.store.hold_lock(RESEND_LOCK):
                 return 0
             drained = [queue for queue, depth in broker.queue_depths().items() if depth["ready"] == 0]
             claimed = self.store.claim_unsent(drained, older_than_s=self.older_than_s)

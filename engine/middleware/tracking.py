@@ -133,15 +133,15 @@ class Tracking(Middleware):
     def before_enqueue(self, broker: Broker, message: Message, delay: Optional[int]) -> None:
         if message.options.get(RECHECK_OPTION):
             return  # the job's row exists and is `running`: nothing to record
-        record = self.enqueue_record(message, delay)
+        row, delayed = self.enqueue_record(message, delay)
         if self.store.in_transaction():
             # The embedded broker's enqueue: the row is committed with the message, or neither is.
-            self._record_now(lambda: self.store.record_enqueue(record.row, delayed=record.delayed), message)
+            self._record_now(lambda: self.store.record_enqueue(row, delayed=delayed), message)
             return
         row_writes = row_writes_collected()
         # Committed with the rows of the process's other sends; a row its sender does not wait
         # for waits out a database outage instead of failing.
-        recorded = self.store.writer.submit(self.store.record_enqueues, record, patient=row_writes is not None)
+        recorded = self.store.enqueue_later(row, delayed=delayed, wait_out_outage=row_writes is not None)
         if row_writes is not None:
             row_writes.append(recorded)  # the broker sends the message once its row is committed
         else:
@@ -149,7 +149,7 @@ class Tracking(Middleware):
 
     def enqueue_record(self, message: Message, delay: Optional[int]) -> EnqueueRecord:
         """The job row `before_enqueue` writes for `message`, for a caller that records many
-        rows in a transaction of its own (`Store.record_enqueues`; the scheduler's fires).
+        rows in a transaction of its own (the scheduler's fires, through the store's dialect).
 
         Raises:
           ArgumentsNotSerializable: the message's arguments are not JSON.
@@ -191,9 +191,7 @@ class Tracking(Middleware):
         request = StartRequest(
             message.message_id, self.host, os.getpid(), self.heartbeat.worker_id, self.dead_after_s, time.time()
         )
-        start = self.store.writer.write(self.store.record_attempts, request, followers=WRITES_AFTER_A_START)
-        if start.undecided:  # not queued, or ended in the same batch: decided on its own
-            start = self.store.writer.write(self.store.start_attempts, request)
+        start = self.store.start(request, next_writes=WRITES_AFTER_A_START)
         if start.running_elsewhere:
             logger.info("Job {} runs under a live worker; looking again in {} s.", message.message_id, self.dead_after_s)
             recheck = message.copy(options={**message.options, RECHECK_OPTION: True})
@@ -264,14 +262,14 @@ class Tracking(Middleware):
         end = AttemptEnd.of(
             attempt.job_id, attempt.number, outcome, run=attempt.run, progress=attempt.pending_progress, **fields
         )
-        recorded = self.store.writer.submit(self.store.record_attempts, end)
+        recorded = self.store.end(end)
         # With a broker that settles the message once its end is recorded, the thread goes on
         # to its next job, so that this end and the next job's start are committed together.
         if not (isinstance(broker, TrackedBroker) and broker.settle_when_recorded(message, recorded)):
             recorded.result()
 
     def after_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
-        self.store.writer.close(timeout=SHUTDOWN_FLUSH_S)
+        self.store.writer.close(timeout_s=SHUTDOWN_FLUSH_S)
 
     def _encode_result(self, result: Any) -> Optional[str]:
         if result is None:

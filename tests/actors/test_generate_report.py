@@ -12,7 +12,7 @@ from sqlalchemy import update
 
 import engine
 from engine import JobState, Outcome
-from engine.schema import jobs
+from engine.store.schema import jobs
 from engine.settings import get_settings
 
 

@@ -10,7 +10,7 @@ from sqlalchemy import func, select, update
 
 import engine
 from engine import JobState, Outcome
-from engine.schema import attempts, jobs
+from engine.store.schema import attempts, jobs
 
 DAY = 86_400
 
@@ -103,7 +103,7 @@ def test_purge_finished_reports_the_running_total_after_each_batch(store, finish
     backdate(store, finished_jobs, days=1)
     totals = []
 
-    purged = store.purge_finished(older_than=time.time(), batch_size=3, on_batch=totals.append)
+    purged = store.purge_finished(ended_before=time.time(), batch_size=3, on_batch=totals.append)
 
     assert purged == 7 and totals == [3, 6, 7]
 

@@ -99,7 +99,7 @@ def test_400_a_request_line_the_server_cannot_read(client):
 
     with socket.create_connection((client.host, client.port), timeout=10) as connection:
         connection.sendall(b"GET /healthz HTTP/9\r\n\r\n")
-        answer = connection.recv(65536)
+        answer = b"".join(iter(lambda: connection.recv(65536), b""))  # headers and body may come apart
     assert answer.startswith(b"HTTP/1.1 505") or answer.startswith(b"HTTP/1.1 400"), answer
     assert b'"error"' in answer and b"Traceback" not in answer
 

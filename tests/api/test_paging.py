@@ -7,7 +7,7 @@ import json
 from urllib.parse import quote
 
 import engine
-from engine.schema import jobs
+from engine.store.schema import jobs
 
 
 def _insert_jobs(count: int) -> list[tuple[float, str]]:

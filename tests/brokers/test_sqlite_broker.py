@@ -17,7 +17,7 @@ from dramatiq.middleware import MiddlewareError
 from sqlalchemy import func, select
 
 from engine.brokers import SQLiteBroker
-from engine.schema import jobs, messages
+from engine.store.schema import jobs, messages
 from engine.store import Store
 from tests.support.processes import start_process
 

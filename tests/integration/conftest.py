@@ -92,6 +92,7 @@ def engine_env(mode, tmp_path, request, monkeypatch) -> dict[str, str]:
         "ENGINE_ACTOR_MODULES": "tests.support.actors",
         "ENGINE_TEST_SIDE_EFFECTS": str(side_effects),
         "ENGINE_SHUTDOWN_TIMEOUT_S": "10",
+        "ENGINE_API_PORT": "0",  # `engine run` serves the API: any free port, so tests side by side do not collide
     }
     if mode == "embedded":
         env["ENGINE_STORE_URL"] = f"sqlite:///{tmp_path}/engine.db"

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 
 import engine
 from engine import JobState, Outcome
-from engine.schema import jobs
+from engine.store.schema import jobs
 from tests.support import actors
 from tests.support.processes import completions, run_process, wait_for, wait_for_state
 

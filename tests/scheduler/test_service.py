@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import update
 
 import engine
-from engine.schema import schedules
+from engine.store.schema import schedules
 from scheduler.definition import Misfire, Schedule
 from scheduler.ledger import MAX_MISSED_RECORDED, FireOutcome, Ledger
 from scheduler.service import RECENT_S, Scheduler, plan_fires

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from engine import migrations, schema
+from engine.store import migrations, schema
 from engine.errors import DuplicateJob
 from engine.job import JobState, Outcome
 from engine.store import AttemptEnd, AttemptRun, AttemptStart, Store
@@ -123,7 +123,7 @@ def test_after_version_6_a_job_started_before_it_keeps_its_worker_and_ends_in_it
     if ended_by == "writer":
         run = AttemptRun("old", 7, "w-old", 10.0, 9.0)
         end = AttemptEnd.of("a", 1, Outcome.SUCCEEDED, run=run, state=JobState.SUCCEEDED)
-        store.writer.write(store.record_attempts, end)
+        store.end(end).result()
     else:
         store.finish_attempt("a", 1, Outcome.SUCCEEDED, state=JobState.SUCCEEDED)
     [ended] = store.list_attempts("a")

@@ -13,7 +13,7 @@
 - schedules, schedule_fires, schedule_versions: cron schedules, the ledger of their fires
   (one row per schedule and fire time: the unique key that makes a fire happen once, however
   many schedulers run) and the counter schedulers poll to learn of changes (see `scheduler`).
-- schema_version: the migration level (see `engine.migrations`).
+- schema_version: the migration level (see `engine.store.migrations`).
 
 Timestamps are float seconds since the epoch: portable between SQLite and PostgreSQL, ordered,
 and cheap to compare in the queue's due-time scans.
@@ -157,7 +157,7 @@ messages = Table(
 
 #: The embedded broker's claim walks this in delivery order (priority, then due time) and stops
 #: at the first rows it can take: with only `ix_messages_due`, each claim sorted every due row
-#: under the write lock (11 ms with 20,000 queued).
+#: under the write lock, however long the queue.
 claim_order = Index(
     "ix_messages_claim", messages.c.queue, messages.c.dead_at, messages.c.priority.desc(), messages.c.eta, messages.c.id
 )

@@ -1,5 +1,5 @@
 """The store on PostgreSQL: the worker's batches stay key lookups whatever the planner was told,
-and a start whose commit was not confirmed is not lost; one process at a time leads a task.
+and a start whose commit was not confirmed is not lost.
 
 A worker's batch runs for every job, so a plan that walks a table or the state index costs
 time in proportion to the queue: these tests read PostgreSQL's own scan counters.
@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from engine.job import JobState, Outcome
 from engine.store import AttemptEnd, AttemptStart, StartRequest, Store
 from engine.writer import GroupCommit
-from tests.test_store import (  # noqa: F401 (collected again here: the audit trail on PostgreSQL's batches)
+from tests.store.test_attempts import (  # noqa: F401 (collected again here: the audit trail on PostgreSQL's batches)
     job,
     test_a_job_that_succeeds_at_once_has_its_attempt_in_its_trail,
     test_a_job_that_succeeds_when_retried_keeps_the_failed_attempt_with_its_traceback,
@@ -68,8 +68,16 @@ def scans(pg_url: str) -> dict[str, int]:
     return {"ix_jobs_state_created": state_index, **tables}
 
 
+def report_scans_so_far(store: Store) -> None:
+    """Have the store's pooled session report its scans (the schema's index builds) now, not
+    at its next report, which PostgreSQL defers by a second or more."""
+    with store.reading() as connection:
+        connection.exec_driver_sql("SELECT pg_stat_force_next_flush()")  # done at the rollback
+
+
 def test_a_workers_batches_find_their_jobs_by_key_with_statistics_from_before_a_burst(store, pg_url):
     seed_with_statistics_that_predate_a_burst(pg_url)
+    report_scans_so_far(store)
     before = scans(pg_url)
 
     # when a worker starts and ends queued jobs, batch after batch (psycopg prepares the
@@ -77,17 +85,16 @@ def test_a_workers_batches_find_their_jobs_by_key_with_statistics_from_before_a_
     queued = [f"job-{n}" for n in range(JOBS - QUEUED + 1, JOBS - QUEUED + 41)]
     for job_id in queued:
         request = StartRequest(job_id, "host", 1, None, 60.0, time.time())
-        start = store.writer.write(store.record_attempts, request)
+        start = store.start(request)
         assert start.number == 1
         run = request.run(start.started_at)
-        store.writer.write(
-            store.record_attempts, AttemptEnd.of(job_id, 1, Outcome.SUCCEEDED, run=run, state=JobState.SUCCEEDED)
-        )
+        store.end(AttemptEnd.of(job_id, 1, Outcome.SUCCEEDED, run=run, state=JobState.SUCCEEDED)).result()
     store.writer.close()  # the writer's session ends: PostgreSQL counts its scans
 
-    # then every job ran its one attempt, and no batch walked the queue or a table
-    assert store.count_by_state()[JobState.SUCCEEDED] == JOBS - QUEUED + len(queued)
+    # then no batch walked the queue or a table, and every job ran its one attempt (counted
+    # after: the count scans the jobs)
     assert scans(pg_url) == before
+    assert store.count_by_state()[JobState.SUCCEEDED] == JOBS - QUEUED + len(queued)
 
 
 def test_a_start_committed_by_a_batch_whose_reply_was_lost_runs_when_the_batch_is_tried_again(store):
@@ -101,7 +108,7 @@ def test_a_start_committed_by_a_batch_whose_reply_was_lost_runs_when_the_batch_i
 
     def reply_lost_once(connection, records):
         """The writer's batch, committed by its statement; the first reply never comes back."""
-        results = store.record_attempts(connection, records)
+        results = store.dialect.record_attempts(connection, records)
         if not lost:
             lost.append(records)
             raise OperationalError("the batch", {}, Exception("server closed the connection unexpectedly"))
@@ -113,7 +120,7 @@ def test_a_start_committed_by_a_batch_whose_reply_was_lost_runs_when_the_batch_i
         request = StartRequest("job-1", "h", 1, "w1", 60.0, time.time())
         start = writer.write(reply_lost_once, request)
         assert lost and start.undecided  # the job is `running` already: decided on its own
-        start = writer.write(store.start_attempts, request)
+        start = writer.write(store.dialect.start_attempts, request)
     finally:
         writer.close()
 
@@ -133,7 +140,7 @@ def test_a_batch_whose_session_is_killed_is_committed_on_a_new_one_and_a_bad_one
     queued("job-1")
     queued("job-2")
     request = StartRequest("job-1", "h", 1, None, 60.0, time.time())
-    assert store.writer.write(store.record_attempts, request).number == 1
+    assert store.start(request).number == 1
     # when PostgreSQL ends the writer's session (a restart, a failover, an administrator)
     with psycopg.connect(pg_url, autocommit=True) as admin:
         killed = admin.execute(
@@ -142,10 +149,10 @@ def test_a_batch_whose_session_is_killed_is_committed_on_a_new_one_and_a_bad_one
     assert killed
 
     # then the next batch is an outage, waited out on a new session: the start is committed
-    assert store.writer.write(store.record_attempts, request._replace(job_id="job-2")).number == 1
+    assert store.start(request._replace(job_id="job-2")).number == 1
     # and a write the database refuses is an error of its own, raised to its writer alone
     with pytest.raises(IntegrityError):
-        store.writer.write(store.record_attempts, AttemptEnd.of("job-1", 1, Outcome.SUCCEEDED, run=request.run(None)))
+        store.end(AttemptEnd.of("job-1", 1, Outcome.SUCCEEDED, run=request.run(None))).result()
 
 
 def test_a_batch_of_a_one_statement_kind_is_committed_by_it_and_any_other_in_a_transaction(store):
@@ -171,20 +178,3 @@ def test_a_batch_of_a_one_statement_kind_is_committed_by_it_and_any_other_in_a_t
 
     assert seen[0] == psycopg.pq.TransactionStatus.IDLE  # committed already: autocommit
     assert seen[len(seen) - 1] == psycopg.pq.TransactionStatus.INTRANS
-
-
-def test_one_process_leads_until_its_connection_is_gone(store, pg_url):
-    other = Store(pg_url.replace("postgresql://", "postgresql+psycopg://"))
-    try:
-        # when one store (one process) leads
-        assert store.lead("a task")
-
-        # then another does not, in that task only, for as long as the first holds it
-        assert store.lead("a task") and not other.lead("a task")
-        assert other.lead("another task")
-
-        # and takes over once the first is gone
-        store.close()
-        assert other.lead("a task")
-    finally:
-        other.close()

@@ -1,12 +1,12 @@
 """Versioned schema migrations, applied on start or by ``engine db upgrade``.
 
-A new database is created from `engine.schema` as it is now and stamped with `LATEST`. An older
+A new database is created from `engine.store.schema` as it is now and stamped with `LATEST`. An older
 one is brought up to date by running, in order, each migration numbered above its version. To
-change the schema: edit `engine.schema`, then append a migration that makes the same change to
+change the schema: edit `engine.store.schema`, then append a migration that makes the same change to
 an existing database, and bump nothing else: `LATEST` follows the list.
 
-Concurrent starts (several workers booting at once) are serialised by a lock: an advisory lock
-on PostgreSQL, the write lock of ``BEGIN IMMEDIATE`` on SQLite.
+Concurrent starts (several workers booting at once) are serialised by the lock the store's
+dialect takes first (`engine.store.dialect.Dialect.lock_schema`).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _add_start_token(connection: Connection) -> None:
 
 
 def _lighten_job_indexes(connection: Connection) -> None:
-    """Idempotency keys in a partial index, and no index on finished_at (see `engine.schema`).
+    """Idempotency keys in a partial index, and no index on finished_at (see `engine.store.schema`).
     SQLite cannot drop the unique constraint a table was created with: on a migrated SQLite
     store it stays beside the new index, and costs an index entry per new job."""
     idempotency_keys.create(connection)
@@ -65,7 +65,7 @@ def _lighten_job_indexes(connection: Connection) -> None:
 
 
 def _move_open_attempts_to_jobs(connection: Connection) -> None:
-    """The running attempt's worker and token in its job's row (see `engine.schema`), copied
+    """The running attempt's worker and token in its job's row (see `engine.store.schema`), copied
     from the open attempt rows, which the attempt's end then completes."""
     for column, kind in (("attempt_host", "VARCHAR(255)"), ("attempt_pid", "INTEGER"),
                          ("attempt_worker_id", "VARCHAR(64)"), ("attempt_token", "FLOAT")):  # fmt: skip
@@ -106,17 +106,13 @@ MIGRATIONS: list[Migration] = [
 
 LATEST = MIGRATIONS[-1].version if MIGRATIONS else 1
 
-_ADVISORY_LOCK_KEY = 0x656E67696E65  # "engine"
-
 
 def upgrade(connection: Connection) -> int:
-    """Bring the schema to `LATEST` inside the caller's transaction.
+    """Bring the schema to `LATEST` inside the caller's transaction, which holds the schema lock.
 
     Returns:
       int: the version the database had before (0 for a new database).
     """
-    if connection.dialect.name == "postgresql":
-        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK_KEY})
     if not inspect(connection).has_table(schema_version.name):
         metadata.create_all(connection)
         connection.execute(schema_version.insert().values(version=LATEST))

@@ -1,5 +1,5 @@
 """The store's decisions when a job is delivered (run it, skip it, or leave it to a live worker),
-and which jobs it takes for never sent."""
+and the audit trail its writer's batches record."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import update
 
 from engine.job import JobState, Outcome
-from engine.schema import workers
 from engine.store import AttemptEnd, AttemptStart, StartRequest, Store
+from engine.store.schema import workers
 
 DEAD_AFTER_S = 10
 
@@ -56,15 +56,15 @@ def test_a_start_tried_again_after_it_was_committed_finds_itself_not_another_del
     store.heartbeat("w1", host="h", pid=1)
     request = StartRequest(job, "h", 1, "w1", DEAD_AFTER_S, time.time())
     with store.transaction() as connection:
-        assert [decided(each) for each in store.start_attempts(connection, [request])] == [AttemptStart(1)]
+        assert [decided(each) for each in store.dialect.start_attempts(connection, [request])] == [AttemptStart(1)]
 
     # the same start again, as when the reply to its commit was lost: the same attempt, no new one
     with store.transaction() as connection:
-        assert [decided(each) for each in store.start_attempts(connection, [request])] == [AttemptStart(1)]
+        assert [decided(each) for each in store.dialect.start_attempts(connection, [request])] == [AttemptStart(1)]
     # another delivery to the same worker is not it
     with store.transaction() as connection:
         again = request._replace(requested_at=request.requested_at + 1)
-        assert [decided(each) for each in store.start_attempts(connection, [again])] == [
+        assert [decided(each) for each in store.dialect.start_attempts(connection, [again])] == [
             AttemptStart(None, running_elsewhere=True)
         ]
     assert [a.number for a in store.list_attempts(job)] == [1]
@@ -117,43 +117,17 @@ def test_an_unknown_job_is_not_started(store):
     assert start(store, "nope", "w1") == AttemptStart(None)
 
 
-def recorded(store: Store, job_id: str, *, age_s: float, queue: str = "default", due_in_s=None) -> None:
-    """A job's row as its sender recorded it `age_s` seconds ago; delayed by `due_in_s` if given."""
-    created = time.time() - age_s
-    row = dict(
-        id=job_id, actor="echo", queue=queue, args="[]", kwargs="{}", options='{"max_retries": 2}',
-        priority=0, idempotency_key=None, created_at=created,
-        scheduled_for=None if due_in_s is None else created + due_in_s,
-    )  # fmt: skip
-    store.record_enqueue(row, delayed=due_in_s is not None)
-
-
-def test_jobs_whose_message_never_came_are_claimed_once(store):
-    recorded(store, "lost", age_s=120)
-    recorded(store, "fresh", age_s=5)
-    recorded(store, "in-a-queue-with-messages", queue="busy", age_s=120)
-    recorded(store, "overdue", age_s=120, due_in_s=10)
-    recorded(store, "not-due-yet", age_s=120, due_in_s=3600)
-
-    claimed = store.claim_unsent(["default"], older_than_s=60)
-
-    assert sorted(job.id for job, _ in claimed) == ["lost", "overdue"]
-    assert [options for _, options in claimed] == [{"max_retries": 2}] * 2
-    # claimed: not taken again before another 60 s
-    assert store.claim_unsent(["default"], older_than_s=60) == []
-
-
 # -- the audit trail: the writer's batches (one statement per batch on PostgreSQL, where
-# tests/integration/test_store_postgres.py runs these again) -----------------------------------
+# tests/store/test_postgres.py runs these again) -----------------------------------------------
 
 
 def run_attempt(store: Store, job_id: str, outcome: Outcome, state: JobState, **fields) -> None:
     """One attempt of the job through the writer, as Tracking records it: its start, then its end."""
     request = StartRequest(job_id, "h", 1, "w1", DEAD_AFTER_S, time.time())
-    started = store.writer.write(store.record_attempts, request)
+    started = store.start(request)
     assert started.number is not None, started
     end = AttemptEnd.of(job_id, started.number, outcome, run=request.run(started.started_at), state=state, **fields)
-    store.writer.write(store.record_attempts, end)
+    store.end(end).result()
 
 
 def test_a_job_that_succeeds_at_once_has_its_attempt_in_its_trail(store, job):
@@ -185,14 +159,14 @@ def test_a_success_after_its_attempt_was_taken_for_abandoned_completes_that_atte
     # given a job whose worker was taken for dead while it ran: attempt 1 abandoned, 2 started
     store.heartbeat("w1", host="h", pid=1)
     request = StartRequest(job, "h", 1, "w1", DEAD_AFTER_S, time.time())
-    first = store.writer.write(store.record_attempts, request)
+    first = store.start(request)
     store.mark_workers_stopped(worker_id="w1")
     store.heartbeat("w2", host="h", pid=2)
     assert start(store, job, "w2", pid=2) == AttemptStart(2)
 
     # when the first worker, alive after all, ends attempt 1 successfully
     end = AttemptEnd.of(job, 1, Outcome.SUCCEEDED, run=request.run(first.started_at), state=JobState.SUCCEEDED)
-    store.writer.write(store.record_attempts, end)
+    store.end(end).result()
 
     # then attempt 1's row says so, and attempt 2 is shown running, from the job's row
     trail = [(a.number, a.outcome, a.worker_pid) for a in store.list_attempts(job)]
@@ -201,6 +175,6 @@ def test_a_success_after_its_attempt_was_taken_for_abandoned_completes_that_atte
     # and when attempt 2 ends too (the job has ended already), it gets a row of its own
     run = request._replace(pid=2).run(time.time())
     second = AttemptEnd.of(job, 2, Outcome.SUCCEEDED, run=run, state=JobState.SUCCEEDED)
-    store.writer.write(store.record_attempts, second)
+    store.end(second).result()
     trail = [(a.number, a.outcome, a.worker_pid) for a in store.list_attempts(job)]
     assert trail == [(1, Outcome.SUCCEEDED, 1), (2, Outcome.SUCCEEDED, 2)]
