@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import select
 
 import engine
-from engine.schema import jobs
+from engine.store.schema import jobs
 from scheduler.ledger import FireOutcome
 from scheduler.service import Scheduler
 
