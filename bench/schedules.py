@@ -1,9 +1,11 @@
 """Cron at scale: 1,000 schedules on two schedulers, PostgreSQL and RabbitMQ.
 
 Each schedule fires every `--period` seconds (10 by default), staggered by its number
-(``S/10 * * * * *``, S = number % 10), so that 1000 / period fire times come due every second. Two ``engine scheduler`` processes share them
-(each tries every fire time; the ledger gives each to one), and one ``engine worker`` with two
-processes runs the no-op jobs. After a warm-up, for `--seconds`, it reports:
+(``S/10 * * * * *``, S = number % 10), so that 1000 / period fire times come due every second;
+``--period 1``: all 1,000 every second, due together. Two ``engine scheduler`` processes share them
+(each tries every fire time; the ledger gives each to one), and one ``engine worker`` with
+`--worker-processes` processes (2; 0 for none, to measure the schedulers alone) runs the no-op
+jobs. After a warm-up, for `--seconds`, it reports:
 
 - lateness from fire time to the job's row (its ``created_at``, written in the claim's
   transaction just before its commit) and to the job's start, p50 / p99 / max;
@@ -41,8 +43,9 @@ def _percentile(values: list[float], fraction: float) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60, help="length of the measured window")
-    parser.add_argument("--period", type=int, default=10, choices=[10, 20, 30, 60], help="seconds between a schedule's fires")
+    parser.add_argument("--period", type=int, default=10, choices=[1, 10, 20, 30, 60], help="seconds between a schedule's fires")
     parser.add_argument("--warmup", type=float, default=15, help="seconds before the window")
+    parser.add_argument("--worker-processes", type=int, default=2, help="processes of the worker (0: no worker)")
     args = parser.parse_args()
     name = f"bench_schedules_{uuid.uuid4().hex[:8]}"
     with vhost(name) as virtual_host, database(PG_ADMIN_URL, name) as store_url:
@@ -70,7 +73,7 @@ def main() -> int:
                 preexec_fn=dying_with_this_process(),
             )  # fmt: skip
 
-        workers = start("worker", "--processes", "2")
+        workers = [start("worker", "--processes", str(args.worker_processes))] if args.worker_processes else []
         schedulers = [start("scheduler"), start("scheduler")]
         try:
             log(f"warming up for {args.warmup:.0f} s")
@@ -85,9 +88,9 @@ def main() -> int:
             rss_mb = [each.memory_info().rss / 2**20 for each in measured]
             time.sleep(5)  # the window's last jobs start
         finally:
-            for process in [*schedulers, workers]:
+            for process in [*schedulers, *workers]:
                 process.terminate()
-            for process in [*schedulers, workers]:
+            for process in [*schedulers, *workers]:
                 process.wait(timeout=60)
 
         store = engine.get_store()
@@ -105,6 +108,8 @@ def main() -> int:
         to_start = [row.started_at - row.fire_time for row in rows if row.started_at is not None]
         print(f"fires in the window: {len(rows)} (about {expected} due), {len(rows) / args.seconds:.0f} per second")
         for label, values in (("fire -> job row", to_row), ("fire -> job start", to_start)):
+            if not values:
+                continue
             print(
                 f"{label}: p50 {1000 * statistics.median(values):.0f} ms, p99 {1000 * _percentile(values, 0.99):.0f} ms,"
                 f" max {1000 * max(values):.0f} ms ({len(values)} jobs)"

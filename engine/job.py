@@ -54,6 +54,10 @@ REENQUEUE_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 
 
+#: The jobs `engine.retry` runs again: a scheduled, queued or running job is still on its way.
+RETRYABLE_STATES = frozenset({JobState.FAILED, JobState.CANCELED})
+
+
 class Outcome(StrEnum):
     """How one attempt ended: in the attempt's row, or in its job's row for the attempt that
     ended the job as `succeeded` (see `engine.store.schema`)."""

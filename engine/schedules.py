@@ -134,7 +134,7 @@ def run_schedule(name: str) -> Job:
     Raises:
       ScheduleNotFound; UnknownActor if this process does not know the schedule's actor.
     """
-    from scheduler.service import record_job, schedule_message, send_recorded  # it imports the engine
+    from scheduler.service import record_jobs, schedule_message, send_recorded  # it imports the engine
 
     schedule = _ledger().get(name).schedule
     broker, store = get_broker(), get_store()
@@ -143,8 +143,8 @@ def run_schedule(name: str) -> Job:
     except ActorNotFound:
         raise UnknownActor(schedule.actor, list(broker.get_declared_actors())) from None
     with store.transaction() as connection:
-        record_job(broker, connection, message, name, None)
-    send_recorded(broker, message)
+        record_jobs(broker, connection, [(message, name, None)])
+    send_recorded(broker, [message])
     _read_own_sends(message.message_id)
     return store.get(message.message_id)
 

@@ -87,7 +87,7 @@ def add(args: argparse.Namespace) -> int:
     return 0
 
 
-def _by_name(action: Callable[[str], Any], done: str) -> Callable[[argparse.Namespace], int]:
+def _by_name(action: Callable[[str], Any], done: str, purpose: str) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
         if action.__name__ == "run_schedule":
             import engine.actors  # noqa: F401  (the broker must know the actor to send it)
@@ -96,7 +96,7 @@ def _by_name(action: Callable[[str], Any], done: str) -> Callable[[argparse.Name
         print_line(f"{args.name}: {done}{detail}", markup=False)
         return 0
 
-    command.__doc__ = f"{done.capitalize()} a schedule."
+    command.__doc__ = purpose
     return command
 
 
@@ -134,13 +134,13 @@ def add_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     sub.add_argument("--priority", type=int)
     sub.add_argument("--paused", action="store_true", help="create it paused")
 
-    for name, function, done in (
-        ("pause", engine.pause_schedule, "paused"),
-        ("resume", engine.resume_schedule, "resumed"),
-        ("run", engine.run_schedule, "job created now"),
-        ("delete", engine.delete_schedule, "deleted"),
+    for name, function, done, purpose in (
+        ("pause", engine.pause_schedule, "paused", "Pause a schedule: it fires no more until resumed."),
+        ("resume", engine.resume_schedule, "resumed", "Resume a paused schedule from its next fire time."),
+        ("run", engine.run_schedule, "job created now", "Create the schedule's job now, outside its cron times."),
+        ("delete", engine.delete_schedule, "deleted", "Delete a schedule and its fire ledger; its jobs stay."),
     ):
-        action(name, _by_name(function, done)).add_argument("name")
+        action(name, _by_name(function, done, purpose)).add_argument("name")
 
 
 def _local(epoch: float, zone: str) -> str:

@@ -3,9 +3,10 @@
 - `schedules`: the definitions, each with its `Origin`. Every change bumps `schedule_versions`
   in the same transaction, which every scheduler polls (`Ledger.version`), so a change made on
   any host reaches all of them within a poll.
-- `schedule_fires`: one row per schedule and fire time, unique. A fire claims its row in the
-  transaction that records its job (`Ledger.claim`), so whichever scheduler inserts first
-  creates the job, and the others find the row and create nothing. Missed and skipped fire
+- `schedule_fires`: one row per schedule and fire time, unique. Fires claim their rows in the
+  transaction that records their jobs (`Ledger.claim_many`, one statement for the fires due
+  together), so whichever scheduler inserts first creates the job, and the others find the
+  row and create nothing. Missed and skipped fire
   times get rows too: the ledger is what users read as the schedule's history.
 """
 
@@ -18,9 +19,9 @@ import time
 from datetime import datetime, timezone
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, NamedTuple, Optional
 
-from sqlalchemy import Connection, delete, func, select, update
+from sqlalchemy import Connection, bindparam, delete, func, select, text, update
 
 from engine.job import FINISHED_STATES
 from engine.store import Store
@@ -31,6 +32,20 @@ from .definition import Origin, Schedule, ScheduleNotFound
 #: The ledger keeps at most this many missed fire times of one outage, the latest; the log
 #: line of the outage says how many more there were.
 MAX_MISSED_RECORDED = 1000
+
+
+#: `Ledger.claim_many` on PostgreSQL: the claims in one JSON parameter, inserted in their order,
+#: one statement text for every batch size (a multi-row VALUES binds six parameters a claim).
+_CLAIMS_PG = text(
+    """
+INSERT INTO schedule_fires (schedule, fire_time, outcome, job_id, recorded_at, scheduler)
+SELECT schedule, fire_time, outcome, job_id, :recorded_at, :scheduler
+FROM json_to_recordset(CAST(:claims AS json)) AS claim(schedule text, fire_time float8, outcome text, job_id text)
+ORDER BY schedule, fire_time
+ON CONFLICT (schedule, fire_time) DO NOTHING
+RETURNING schedule, fire_time
+"""
+)
 
 
 class FireOutcome(StrEnum):
@@ -50,6 +65,15 @@ class StoredSchedule:
     created_at: float
     updated_at: float
     active_since: float  # fire times before this are not due (see `engine.store.schema`)
+
+
+class Claim(NamedTuple):
+    """A ledger row a scheduler is about to insert (see `Ledger.claim_many`)."""
+
+    schedule: str
+    fire_time: float
+    outcome: FireOutcome
+    job_id: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -100,10 +124,15 @@ class Ledger:
         with self.store.transaction() as connection:
             before = self._find(connection, schedule.name, for_update=True)
             if before is None:
-                connection.execute(
-                    schedules.insert().values(**row, origin=origin, created_at=now, updated_at=now, active_since=now)
-                )
-            else:
+                created = connection.execute(
+                    self._insert(schedules)
+                    .values(**row, origin=origin, created_at=now, updated_at=now, active_since=now)
+                    .on_conflict_do_nothing(index_elements=["name"])
+                    .returning(schedules.c.name)
+                ).first()
+                if created is None:  # another process created it since (two schedulers starting)
+                    before = self._find(connection, schedule.name, for_update=True)
+            if before is not None:
                 old = before.schedule
                 retimed = (old.cron, old.timezone) != (schedule.cron, schedule.timezone)
                 resumed = schedule.enabled and not old.enabled
@@ -160,36 +189,48 @@ class Ledger:
     # -- fires -----------------------------------------------------------------------------------
 
     def claim(self, connection: Connection, name: str, fire_time: float, outcome: FireOutcome, job_id: Optional[str] = None) -> bool:
-        """Insert the ledger row of a fire time in `connection`'s transaction; False when
-        another scheduler has it already (a concurrent claim waits for the first to commit)."""
-        claimed = connection.execute(
-            self._insert(schedule_fires)
-            .values(
-                schedule=name, fire_time=fire_time, outcome=outcome, job_id=job_id,
-                recorded_at=time.time(), scheduler=_this_scheduler(),
-            )  # fmt: skip
-            .on_conflict_do_nothing(index_elements=["schedule", "fire_time"])
-            .returning(schedule_fires.c.id)
-        ).first()
-        return claimed is not None
+        """Insert the ledger row of one fire time (see `claim_many`); False when another
+        scheduler has it already."""
+        return bool(self.claim_many(connection, [Claim(name, fire_time, outcome, job_id)]))
 
-    def record_missed(self, name: str, fire_times: Iterable[float]) -> int:
-        """Record fire times as missed, but those claimed already; returns how many were new."""
-        rows = [
-            {"schedule": name, "fire_time": fire_time, "outcome": FireOutcome.MISSED, "job_id": None,
-             "recorded_at": time.time(), "scheduler": _this_scheduler()}
-            for fire_time in fire_times
-        ]  # fmt: skip
-        if not rows:
-            return 0
+    def claim_many(self, connection: Connection, claims: list[Claim]) -> set[tuple[str, float]]:
+        """Insert the ledger rows of fire times in `connection`'s transaction, in one statement.
+
+        Returns:
+          the (schedule, fire time) of the rows inserted; the others were claimed by another
+          scheduler already. A claim of a row another transaction inserted and has not
+          committed yet waits for it (PostgreSQL decides a unique key so), which is why
+          schedulers claim in one order, by schedule and fire time: they never deadlock.
+        """
+        if not claims:
+            return set()
+        ordered = sorted(claims, key=_claim_order)
+        now, scheduler = time.time(), _this_scheduler()
+        if connection.dialect.name == "postgresql":
+            parameters = {"claims": json.dumps([claim._asdict() for claim in ordered]), "recorded_at": now, "scheduler": scheduler}
+            return {tuple(row) for row in connection.execute(_CLAIMS_PG, parameters)}  # type: ignore[misc]
+        rows = [{**claim._asdict(), "recorded_at": now, "scheduler": scheduler} for claim in ordered]
         statement = self._insert(schedule_fires).on_conflict_do_nothing(index_elements=["schedule", "fire_time"])
+        inserted = connection.execute(statement.returning(schedule_fires.c.schedule, schedule_fires.c.fire_time), rows)
+        return {(row.schedule, row.fire_time) for row in inserted}
+
+    def record_missed(self, fires: Iterable[tuple[str, float]]) -> int:
+        """Record (schedule, fire time) pairs as missed, but those claimed already; returns how
+        many were new."""
+        claims = [Claim(name, fire_time, FireOutcome.MISSED) for name, fire_time in fires]
         with self.store.transaction() as connection:
-            return len(connection.execute(statement.returning(schedule_fires.c.id), rows).all())
+            return len(self.claim_many(connection, claims))
 
     @staticmethod
-    def tag_job(connection: Connection, job_id: str, name: str, fire_time: float) -> None:
-        """Write the schedule and fire time into the job's row, recorded in this transaction."""
-        connection.execute(update(jobs).where(jobs.c.id == job_id).values(schedule=name, fire_time=fire_time))
+    def tag_jobs(connection: Connection, tags: list[tuple[str, str, Optional[float]]]) -> None:
+        """Write (job id, schedule, fire time) into the rows of jobs recorded in this transaction."""
+        if tags:
+            connection.execute(
+                update(jobs)
+                .where(jobs.c.id == bindparam("job_id"))
+                .values(schedule=bindparam("tag_schedule"), fire_time=bindparam("tag_fire_time")),
+                [{"job_id": job_id, "tag_schedule": name, "tag_fire_time": fire_time} for job_id, name, fire_time in tags],
+            )
 
     @staticmethod
     def previous_job_unfinished(connection: Connection, name: str) -> bool:
@@ -249,6 +290,10 @@ class Ledger:
         )
         with self.store.transaction() as connection:
             return connection.execute(delete(schedule_fires).where(schedule_fires.c.id.in_(old.scalar_subquery()))).rowcount
+
+
+def _claim_order(claim: Claim) -> tuple[str, float]:
+    return claim.schedule, claim.fire_time
 
 
 def _bump(connection: Connection) -> None:

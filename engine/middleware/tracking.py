@@ -38,7 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import ArgumentsNotSerializable, JobCanceled, ResultNotSerializable, ResultTooLarge, TrackingError
 from ..job import JobState, Outcome
-from ..store import AttemptEnd, AttemptRun, StartRequest, Store
+from ..store import AttemptEnd, AttemptRun, EnqueueRecord, StartRequest, Store
 from ..tracked_broker import TrackedBroker, row_writes_collected
 from .heartbeat import Heartbeat
 
@@ -133,6 +133,27 @@ class Tracking(Middleware):
     def before_enqueue(self, broker: Broker, message: Message, delay: Optional[int]) -> None:
         if message.options.get(RECHECK_OPTION):
             return  # the job's row exists and is `running`: nothing to record
+        row, delayed = self.enqueue_record(message, delay)
+        if self.store.in_transaction():
+            # The embedded broker's enqueue: the row is committed with the message, or neither is.
+            self._record_now(lambda: self.store.record_enqueue(row, delayed=delayed), message)
+            return
+        row_writes = row_writes_collected()
+        # Committed with the rows of the process's other sends; a row its sender does not wait
+        # for waits out a database outage instead of failing.
+        recorded = self.store.enqueue_later(row, delayed=delayed, wait_out_outage=row_writes is not None)
+        if row_writes is not None:
+            row_writes.append(recorded)  # the broker sends the message once its row is committed
+        else:
+            self._record_now(recorded.result, message)
+
+    def enqueue_record(self, message: Message, delay: Optional[int]) -> EnqueueRecord:
+        """The job row `before_enqueue` writes for `message`, for a caller that records many
+        rows in a transaction of its own (the scheduler's fires, through the store's dialect).
+
+        Raises:
+          ArgumentsNotSerializable: the message's arguments are not JSON.
+        """
         now = time.time()
         # A message given a delay, even none (a retry with no backoff), waits as `scheduled`
         # until it falls due: a running job may only move there (`REENQUEUE_TRANSITIONS`),
@@ -157,18 +178,7 @@ class Tracking(Middleware):
             "created_at": now,
             "scheduled_for": now + delay / 1000 if delay is not None else None,
         }
-        if self.store.in_transaction():
-            # The embedded broker's enqueue: the row is committed with the message, or neither is.
-            self._record_now(lambda: self.store.record_enqueue(row, delayed=delayed), message)
-            return
-        row_writes = row_writes_collected()
-        # Committed with the rows of the process's other sends; a row its sender does not wait
-        # for waits out a database outage instead of failing.
-        recorded = self.store.enqueue_later(row, delayed=delayed, wait_out_outage=row_writes is not None)
-        if row_writes is not None:
-            row_writes.append(recorded)  # the broker sends the message once its row is committed
-        else:
-            self._record_now(recorded.result, message)
+        return EnqueueRecord(row, delayed)
 
     @staticmethod
     def _record_now(write: Callable[[], object], message: Message) -> None:

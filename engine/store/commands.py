@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 from sqlalchemy import and_, delete, func, or_, select, update
 
 from ..errors import InvalidJobState, JobNotFound
-from ..job import Job, JobState
+from ..job import RETRYABLE_STATES, Job, JobState
 from .reads import Reads, finished_before, job_from_row
 from .schema import attempts, jobs, workers
 from .states import transition
@@ -60,7 +60,7 @@ class Commands(Reads):
         with self.transaction() as connection:
             # The new run must not inherit the cancel request of the one before.
             reset = {"finished_at": None, "scheduled_for": None, "cancel_requested_at": None}
-            if not transition(connection, job_id, JobState.QUEUED, **reset):
+            if not transition(connection, job_id, JobState.QUEUED, from_states=RETRYABLE_STATES, **reset):
                 job = self.get(job_id)
                 raise InvalidJobState(f"job {job_id} is {job.state}; only failed or canceled jobs can be retried")
             return self.get(job_id)

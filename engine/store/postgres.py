@@ -128,7 +128,8 @@ def _recordset(parameter: str, columns: dict[str, str]) -> str:
     return f"json_to_recordset(CAST(:{parameter} AS json)) AS {parameter}({typed})"
 
 
-#: The columns of a new job's row (`EnqueueRecord.row` and its state), with their types.
+#: The columns of a new job's row (`EnqueueRecord.row` and its state), with their types. The
+#: last two only a cron fire's row has (`scheduler.service`); other rows leave them NULL.
 _NEW_JOB_COLUMNS = {
     "id": "text",
     "actor": "text",
@@ -141,6 +142,8 @@ _NEW_JOB_COLUMNS = {
     "idempotency_key": "text",
     "created_at": "float8",
     "scheduled_for": "float8",
+    "schedule": "text",
+    "fire_time": "float8",
 }
 
 

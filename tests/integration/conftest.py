@@ -22,10 +22,8 @@ import psycopg
 import pytest
 
 import engine
-import engine.app
-import engine.settings
 
-from tests.support.processes import EngineProcess, point_engine_at
+from tests.support.processes import EngineProcess, point_engine_at, release_engine
 
 PG_ADMIN_URL = os.environ.get("ENGINE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 AMQP_HOST = os.environ.get("ENGINE_TEST_AMQP_HOST", "127.0.0.1")
@@ -103,11 +101,7 @@ def engine_env(mode, tmp_path, request, monkeypatch) -> dict[str, str]:
         _purge(env["ENGINE_BROKER_URL"])
     point_engine_at(env, monkeypatch)
     yield env
-    if engine.app._broker is not None:
-        engine.app.get_store().close()
-        engine.app._broker.close()
-    engine.app._broker = None
-    engine.settings.get_settings.cache_clear()
+    release_engine()
 
 
 @pytest.fixture

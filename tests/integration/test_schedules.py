@@ -8,12 +8,16 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
+from sqlalchemy import select
 
 import engine
+from engine.store.schema import jobs
 from scheduler.ledger import FireOutcome
+from scheduler.service import Scheduler
 
 from tests.support.processes import completions, start_process, wait_for
 
@@ -114,3 +118,75 @@ def test_engine_run_supervises_a_scheduler_beside_the_workers(start_engine):
     wait_for(lambda: any(job.state == "succeeded" for job in engine.jobs(schedule="heartbeat").jobs), 30, "a job run")
     # and one SIGTERM stops them all
     assert whole.stop() == 0
+
+
+def _jobs_by_schedule() -> dict[str, list[float]]:
+    """Each schedule's jobs' fire times, sorted."""
+    query = select(jobs.c.schedule, jobs.c.fire_time).where(jobs.c.schedule.is_not(None))
+    with engine.get_store().reading() as connection:
+        found: dict[str, list[float]] = {}
+        for name, fire_time in connection.execute(query):
+            found.setdefault(name, []).append(fire_time)
+    return {name: sorted(fire_times) for name, fire_times in found.items()}
+
+
+#: Schedules due at the same second: their fires are claimed in batches.
+BATCH_NAMES = [f"batch-{number:03d}" for number in range(200)]
+
+
+@pytest.mark.parametrize("mode", ["distributed"], indirect=True)
+def test_two_schedulers_claiming_the_same_batch_at_once_make_one_job_per_fire(engine_env):
+    # Given 200 schedules due at the same second, and two schedulers that know them
+    for name in BATCH_NAMES:
+        engine.set_schedule(name, "echo", EVERY_SECOND, args=[name])
+    schedulers = [Scheduler(engine.get_broker(), engine.get_store()) for _ in range(2)]
+    for scheduler in schedulers:
+        scheduler.sync()
+    fire_time = float(int(time.time()) + 1)
+    time.sleep(fire_time - time.time())
+    # When both fire that second's batch at the same moment
+    together = threading.Barrier(2)
+    sent: list[list[str]] = [[], []]
+
+    def fire(number: int) -> None:
+        scheduler = schedulers[number]
+        scheduler._send = lambda messages: sent[number].extend(message.message_id for message in messages)  # type: ignore[method-assign]
+        together.wait()
+        scheduler.fire_due({name: [fire_time] for name in BATCH_NAMES})
+
+    threads = [threading.Thread(target=fire, args=(number,)) for number in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    # Then each schedule has one job for it, sent by the scheduler that created it
+    assert _jobs_by_schedule() == {name: [fire_time] for name in BATCH_NAMES}
+    assert len(sent[0]) + len(sent[1]) == len(BATCH_NAMES)
+    fires = [fire for name in BATCH_NAMES for fire in engine.schedule_fires(name)]
+    assert {(fire.fire_time, fire.outcome) for fire in fires} == {(fire_time, FireOutcome.ENQUEUED)}
+    assert sorted(fire.job_id for fire in fires) == sorted(sent[0] + sent[1])
+
+
+@pytest.mark.parametrize("mode", ["distributed"], indirect=True)
+def test_two_hundred_schedules_every_second_on_two_schedulers_make_one_job_per_fire_time(start_engine):
+    # Given 200 schedules firing every second, and two schedulers and a worker
+    for name in BATCH_NAMES:
+        engine.set_schedule(name, "echo", EVERY_SECOND, args=[name])
+    start_engine("worker", "--processes", "1")
+    schedulers = [start_engine("scheduler"), start_engine("scheduler")]
+    time.sleep(8)
+    for scheduler in schedulers:
+        assert scheduler.stop() == 0
+    # Then every schedule has one job per second from the first fire time all share to the
+    # last, none twice
+    by_schedule = _jobs_by_schedule()
+    assert sorted(by_schedule) == BATCH_NAMES
+    first = max(fire_times[0] for fire_times in by_schedule.values())
+    last = min(fire_times[-1] for fire_times in by_schedule.values())
+    assert last - first >= 4
+    for name, fire_times in by_schedule.items():
+        assert len(set(fire_times)) == len(fire_times), f"{name}: a fire time made two jobs"
+        shared = [each for each in fire_times if first <= each <= last]
+        assert shared == [first + second for second in range(int(last - first) + 1)], f"{name}: a fire time made no job"
+    # and the workers run them
+    wait_for(lambda: engine.get(engine.schedule_fires(BATCH_NAMES[-1])[-1].job_id).state == "succeeded", 30, "a job run")

@@ -8,11 +8,9 @@ from typing import Callable, Iterator
 import pytest
 
 import engine
-import engine.app
-import engine.settings
 from scheduler.service import Scheduler
 
-from tests.support.processes import point_engine_at
+from tests.support.processes import point_engine_at, release_engine
 
 
 @pytest.fixture
@@ -26,11 +24,7 @@ def embedded(tmp_path, monkeypatch) -> Iterator[dict[str, str]]:
     }
     point_engine_at(env, monkeypatch)
     yield env
-    if engine.app._broker is not None:
-        engine.app.get_store().close()
-        engine.app._broker.close()
-    engine.app._broker = None
-    engine.settings.get_settings.cache_clear()
+    release_engine()
 
 
 @pytest.fixture

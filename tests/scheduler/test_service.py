@@ -12,7 +12,7 @@ import engine
 from engine.store.schema import schedules
 from scheduler.definition import Misfire, Schedule
 from scheduler.ledger import MAX_MISSED_RECORDED, FireOutcome, Ledger
-from scheduler.service import RECENT_S, plan_fires
+from scheduler.service import RECENT_S, Scheduler, plan_fires
 
 from tests.support.processes import wait_for
 
@@ -139,3 +139,21 @@ def test_plan_fires(ages, misfire, grace, fired, missed):
     schedule = Schedule.define(name="s", actor="echo", cron="* * * * * *", misfire=misfire, misfire_grace_s=grace)
     to_fire, not_fired = plan_fires(schedule, [now - age for age in ages], now)
     assert (to_fire, not_fired) == ([now - age for age in fired], [now - age for age in missed])
+
+
+def test_a_batch_of_fires_makes_a_job_each_but_one_per_batch_without_overlap(embedded):
+    # Given two schedules, one without overlap, each with two fire times due
+    engine.set_schedule("free", "echo", "* * * * * *", args=[1])
+    engine.set_schedule("exclusive", "echo", "* * * * * *", args=[1], overlap=False)
+    scheduler = Scheduler(engine.get_broker(), engine.get_store())
+    scheduler.sync()
+    due = [float(int(time.time()) + 1), float(int(time.time()) + 2)]
+    time.sleep(due[-1] - time.time())
+    # When they are fired in one batch, twice (as by two schedulers)
+    scheduler.fire_due({"free": due, "exclusive": due})
+    scheduler.fire_due({"free": due, "exclusive": due})
+    # Then each fire time of the first made one job; the second's later fire time was skipped
+    assert sorted(job.fire_time for job in engine.jobs(schedule="free").jobs) == due
+    assert [job.fire_time for job in engine.jobs(schedule="exclusive").jobs] == due[:1]
+    outcomes = {fire.fire_time: fire.outcome for fire in engine.schedule_fires("exclusive")}
+    assert outcomes == {due[0]: FireOutcome.ENQUEUED, due[1]: FireOutcome.SKIPPED_OVERLAP}

@@ -8,6 +8,7 @@ import time
 import pytest
 from sqlalchemy.exc import OperationalError
 
+from engine.errors import InvalidJobState
 from engine.store import Store
 
 
@@ -46,3 +47,14 @@ def test_the_readiness_check_passes_on_a_reachable_store_and_raises_on_one_that_
             unreachable.ping()
     finally:
         unreachable.close()
+
+
+@pytest.mark.parametrize("delayed", [False, True], ids=["queued", "scheduled"])
+def test_a_job_still_on_its_way_is_not_retried_by_hand(store, delayed):
+    # given a job waiting in its queue, or waiting out a delay or a retry's backoff
+    recorded(store, "waiting", age_s=1, due_in_s=30 if delayed else None)
+
+    # when it is retried by hand, then it is refused and left as it was: no second message
+    with pytest.raises(InvalidJobState, match="only failed or canceled jobs can be retried"):
+        store.requeue("waiting")
+    assert store.get("waiting").state == ("scheduled" if delayed else "queued")

@@ -128,3 +128,13 @@ def point_engine_at(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Non
         importlib.reload(sys.modules["tests.support.actors"])
     else:
         importlib.import_module("tests.support.actors")
+
+
+def release_engine() -> None:
+    """Close the broker and store that `point_engine_at` gave this process's engine API, and
+    forget its settings, so that the next test starts from nothing."""
+    if engine.app._broker is not None:
+        engine.app.get_store().close()
+        engine.app._broker.close()
+    engine.app._broker = None
+    engine.settings.get_settings.cache_clear()
