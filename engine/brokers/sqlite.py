@@ -21,8 +21,6 @@ import socket
 import threading
 import time
 from collections import deque
-from pathlib import Path
-from select import select as wait_readable
 from typing import Any, Iterable, Iterator, Optional, Sequence
 from uuid import uuid4
 
@@ -35,8 +33,9 @@ from loguru import logger
 from sqlalchemy import Connection, Executable, Row, and_, case, delete, func, or_, select, update
 from sqlalchemy.exc import OperationalError
 
-from ..store.schema import messages
+from ..notifiers import SocketDirectory, SocketListener, sidecar_directory
 from ..store import Store
+from ..store.schema import messages
 from ..tracked_broker import TrackedBroker
 from ..writer import Apply, Pending
 from .hooks import HookDispatch
@@ -71,15 +70,15 @@ class SQLiteBroker(HookDispatch, TrackedBroker, Broker):
         self, store: Store, *, middleware: Optional[list[Middleware]] = None, lease_s: float = 15.0
     ) -> None:
         super().__init__(middleware=middleware)
-        database = store.database_file
-        if not database:
+        wake_directory = sidecar_directory(store, "wake")
+        if wake_directory is None:
             raise ValueError(f"the SQLite broker needs a SQLite database file, not {store.url!r}")
 
         self.logger = get_logger(__name__, type(self))
         self.store = store
         self.lease_s = lease_s
         self.queues: set[str] = set()
-        self.wake_dir = Path(os.path.abspath(database + ".wake"))
+        self.wake_sockets = SocketDirectory(wake_directory)
         self.leases = _Leases(self)
 
     def close(self) -> None:
@@ -199,24 +198,11 @@ class SQLiteBroker(HookDispatch, TrackedBroker, Broker):
             time.sleep(JOIN_INTERVAL_S)
 
     def wake_consumers(self) -> None:
-        """Send a byte to the socket of every idle consumer of this database, in any process."""
-        try:
-            names = os.listdir(self.wake_dir)
-        except FileNotFoundError:
-            return  # Nobody has consumed from this database yet.
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
-            sender.setblocking(False)
-            for name in names:
-                path = self.wake_dir / name
-                try:
-                    sender.sendto(b"\0", str(path))
-                except BlockingIOError:
-                    pass  # Its buffer is full of wake-ups it has not read yet.
-                except (ConnectionRefusedError, FileNotFoundError):
-                    # Nobody is bound to it: its process died without removing it.
-                    path.unlink(missing_ok=True)
-                except OSError:
-                    logger.opt(exception=True).warning("Failed to wake the consumer at {}.", path)
+        """Send a byte to the socket of every idle consumer of this database, in any process.
+
+        A consumer whose socket is full has wake-ups it has not read yet: it needs no other.
+        """
+        self.wake_sockets.broadcast(b"\0")
 
 
 class _Leases:
@@ -322,10 +308,8 @@ class _SQLiteConsumer(Consumer):
         that replaces this one.
         """
         if self.doorbell is not None:
-            path = self.doorbell.getsockname()
             self.doorbell.close()
             self.doorbell = None
-            Path(path).unlink(missing_ok=True)
         unclaimed = list(self.claimed)
         self.claimed.clear()
         self.requeue(unclaimed)
@@ -402,11 +386,9 @@ class _SQLiteConsumer(Consumer):
         timeout = min(remaining, self._seconds_to_next_eta(), POLL_INTERVAL_S)
         if self.doorbell is None:
             time.sleep(max(timeout, 0))
-        elif wait_readable([self.doorbell], [], [], max(timeout, 0))[0]:
-            # Drain it: however many enqueues rang, one look at the queue serves them all.
-            with contextlib.suppress(BlockingIOError):
-                while self.doorbell.recv(64):
-                    pass
+        elif self.doorbell.receive(timeout) is not None:
+            # However many enqueues rang, one look at the queue serves them all.
+            self.doorbell.drain()
 
     def _seconds_to_next_eta(self) -> float:
         now = time.time()
@@ -420,19 +402,15 @@ class _SQLiteConsumer(Consumer):
             eta = connection.execute(next_eta).scalar()
         return POLL_INTERVAL_S if eta is None else eta - now
 
-    def _bind_doorbell(self) -> Optional[socket.socket]:
+    def _bind_doorbell(self) -> Optional[SocketListener]:
         """The socket enqueues ring; None (and a poll every `POLL_INTERVAL_S`) if it cannot be bound."""
-        path = self.broker.wake_dir / f"{os.getpid()}-{uuid4().hex[:8]}.sock"
-        doorbell = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
-            self.broker.wake_dir.mkdir(exist_ok=True)
-            doorbell.bind(str(path))
+            return self.broker.wake_sockets.bind()
         except OSError:
-            doorbell.close()
-            logger.opt(exception=True).warning("Cannot listen on {}; polling every {:.1f} s instead.", path, POLL_INTERVAL_S)
+            logger.opt(exception=True).warning(
+                "Cannot listen in {}; polling every {:.1f} s instead.", self.broker.wake_sockets.path, POLL_INTERVAL_S
+            )
             return None
-        doorbell.setblocking(False)
-        return doorbell
 
     # -- settling -----------------------------------------------------------------------------
 

@@ -25,30 +25,22 @@ middleware's hook, in Dramatiq's own handling of the job's end, nor in the threa
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
-import os
-import socket
 import threading
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Optional
-from uuid import uuid4
 
-import pika
-import pika.exceptions
 from dramatiq import Actor, Broker, Middleware, Worker
 from dramatiq.broker import MessageProxy
 from dramatiq.middleware import raise_thread_exception
 from loguru import logger
-from pika.adapters.blocking_connection import BlockingChannel
 from sqlalchemy.exc import SQLAlchemyError
 
-from ..backoff import Backoff
 from ..errors import JobCanceled
+from ..notifiers import Fanout, SocketDirectory, sidecar_directory
 from ..store import Store
 from .tracking import current_attempt
 
@@ -56,12 +48,6 @@ from .tracking import current_attempt
 #: an exclusive queue of its own to it.
 EXCHANGE = "engine.cancel"
 
-#: How long pushing a request to RabbitMQ may take before it is left to the store checks.
-SEND_TIMEOUT_S = 2.0
-
-#: The first and the longest pause before a lost RabbitMQ listener connects again.
-RECONNECT_MIN_PAUSE_S = 0.5
-RECONNECT_MAX_PAUSE_S = 10.0
 
 
 @dataclass
@@ -131,7 +117,7 @@ class Cancellation(Middleware):
     def __init__(self, store: Store, *, broker_url: Optional[str] = None, check_interval_s: float = 1.0) -> None:
         self.store = store
         self.check_interval_s = check_interval_s
-        self.channel: Optional[_Channel] = _channel_for(store, broker_url)
+        self.notifier = _notifier_for(store, broker_url)
         self._running: dict[int, _RunningJob] = {}  # by the id of the thread running it
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -145,32 +131,38 @@ class Cancellation(Middleware):
         Call it after the request is committed to the store. If the push fails, the workers
         still find the request in the store within `check_interval_s` seconds.
         """
-        if self.channel is None:
+        if self.notifier is None:
             return
         try:
-            self.channel.send(job_id)
-        except (pika.exceptions.AMQPError, OSError) as error:
+            unreached = self.notifier.broadcast(job_id.encode())
+        except OSError as error:
             logger.warning(
                 "Could not push the cancel of job {} to the workers ({!r}); they will find it in the store within {} s.",
                 job_id,
                 error,
                 self.check_interval_s,
             )
+            return
+        for listener in unreached:
+            logger.warning("The cancel socket {} is full; its worker will find job {} in the store.", listener, job_id)
 
     # -- the worker side -------------------------------------------------------------------------
 
     def after_worker_boot(self, broker: Broker, worker: Worker) -> None:
         self._stopping.clear()
-        if self.channel is not None:
-            self.channel.listen(self.interrupt)
+        if self.notifier is not None:
+            try:
+                self.notifier.listen(self._on_request, thread_name="cancel-listener")
+            except OSError as error:
+                logger.warning("Cannot listen for cancel requests ({!r}); polling the store only.", error)
         self._store_checks = threading.Thread(target=self._check_store, name="cancel-checks", daemon=True)
         self._store_checks.start()
 
     def after_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
         # After, not before: jobs still running while the worker drains can still be canceled.
         self._stopping.set()
-        if self.channel is not None:
-            self.channel.close()
+        if self.notifier is not None:
+            self.notifier.close()
         if self._store_checks is not None:
             self._store_checks.join()
             self._store_checks = None
@@ -223,6 +215,9 @@ class Cancellation(Middleware):
         for thread_id in interrupted:
             logger.info("Canceling job {}: interrupting worker thread {}.", job_id, thread_id)
         return found
+
+    def _on_request(self, message: bytes) -> None:
+        self.interrupt(message.decode())
 
     def _interruptible(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """Wrap an actor's function: its thread may be interrupted while it runs, and only then."""
@@ -289,196 +284,10 @@ def _withdraw_thread_exception(thread_id: int) -> None:
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), None)
 
 
-# -- channels: how a request reaches the worker processes -----------------------------------------
-
-
-class _Channel:
-    """Carries job ids from whoever cancels to every worker process."""
-
-    def send(self, job_id: str) -> None:
-        """Push a request to every listening worker process."""
-        raise NotImplementedError
-
-    def listen(self, on_request: Callable[[str], object]) -> None:
-        """Call `on_request` with each job id pushed, from a thread of its own, until `close`."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Stop listening."""
-        raise NotImplementedError
-
-
-def _channel_for(store: Store, broker_url: Optional[str]) -> Optional[_Channel]:
+def _notifier_for(store: Store, broker_url: Optional[str]) -> Optional[SocketDirectory | Fanout]:
+    """How requests reach the worker processes: the fanout exchange with RabbitMQ, the sockets
+    beside the database on one machine, or nothing (then the workers poll the store only)."""
     if broker_url:
-        return _Exchange(broker_url)
-    database = store.database_file
-    if database:
-        return _Sockets(Path(os.path.abspath(database + ".cancel")))
-    return None  # nothing to share: the workers poll the store
-
-
-class _Sockets(_Channel):
-    """One machine: a Unix datagram socket per worker process in `directory`, each sent every
-    request (like the embedded broker's wake-up sockets)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self._socket: Optional[socket.socket] = None
-        self._thread: Optional[threading.Thread] = None
-        self._closing = threading.Event()
-
-    def send(self, job_id: str) -> None:
-        try:
-            names = os.listdir(self.directory)
-        except FileNotFoundError:
-            return  # no worker has listened yet
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
-            sender.setblocking(False)
-            for name in names:
-                path = self.directory / name
-                try:
-                    sender.sendto(job_id.encode(), str(path))
-                except BlockingIOError:
-                    logger.warning("The cancel socket {} is full; its worker will find job {} in the store.", path, job_id)
-                except (ConnectionRefusedError, FileNotFoundError):
-                    path.unlink(missing_ok=True)  # nobody is bound to it: its process died
-                except OSError as error:
-                    logger.warning("Could not push the cancel of job {} to {}: {!r}", job_id, path, error)
-
-    def listen(self, on_request: Callable[[str], object]) -> None:
-        path = self.directory / f"{os.getpid()}-{uuid4().hex[:8]}.sock"
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            self.directory.mkdir(exist_ok=True)
-            listener.bind(str(path))
-        except OSError as error:
-            listener.close()
-            logger.warning("Cannot listen for cancel requests on {} ({!r}); polling the store only.", path, error)
-            return
-        listener.settimeout(1.0)  # a lost wake-up on close costs at most this long
-        self._closing.clear()
-        self._socket = listener
-        self._thread = threading.Thread(target=self._receive, args=(on_request,), name="cancel-listener", daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        if self._socket is None:
-            return
-        self._closing.set()
-        path = self._socket.getsockname()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender, contextlib.suppress(OSError):
-            sender.sendto(b"", path)  # wakes the listener up
-        if self._thread is not None:
-            self._thread.join()
-        self._socket.close()
-        self._socket = self._thread = None
-        Path(path).unlink(missing_ok=True)
-
-    def _receive(self, on_request: Callable[[str], object]) -> None:
-        assert self._socket is not None
-        while not self._closing.is_set():
-            try:
-                data = self._socket.recv(1024)
-            except TimeoutError:
-                continue
-            if data:
-                _deliver(on_request, data)
-
-
-class _Exchange(_Channel):
-    """Several hosts: a RabbitMQ fanout exchange; each worker process consumes it through an
-    exclusive, auto-deleted queue on a connection of its own, reconnecting when it is lost."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._closing = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self._lock = threading.Lock()
-        self._consuming: Optional[tuple[pika.BlockingConnection, BlockingChannel]] = None
-
-    def send(self, job_id: str) -> None:
-        # A short connection per request: cancels are rare and made by people or scripts, and
-        # an idle long-lived connection would only need heartbeats and reconnects. Short
-        # timeouts too (unless the URL sets its own): the request is in the store already, and
-        # the caller should not wait long for a RabbitMQ that is down.
-        parameters = self._parameters("cancel request")
-        if "socket_timeout" not in self.url:
-            parameters.socket_timeout = SEND_TIMEOUT_S
-        if "stack_timeout" not in self.url:
-            parameters.stack_timeout = SEND_TIMEOUT_S
-        connection = pika.BlockingConnection(parameters)
-        try:
-            channel = connection.channel()
-            self._declare(channel)
-            channel.basic_publish(EXCHANGE, routing_key="", body=job_id.encode())
-        finally:
-            with contextlib.suppress(pika.exceptions.AMQPError):
-                connection.close()
-
-    def listen(self, on_request: Callable[[str], object]) -> None:
-        self._closing.clear()
-        self._thread = threading.Thread(target=self._consume, args=(on_request,), name="cancel-listener", daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self._closing.set()
-        with self._lock:
-            consuming = self._consuming
-        if consuming is not None:
-            connection, channel = consuming
-            with contextlib.suppress(pika.exceptions.AMQPError):
-                connection.add_callback_threadsafe(channel.stop_consuming)
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
-
-    def _consume(self, on_request: Callable[[str], object]) -> None:
-        backoff = Backoff(RECONNECT_MIN_PAUSE_S, RECONNECT_MAX_PAUSE_S)
-        while not self._closing.is_set():
-            try:
-                connection = pika.BlockingConnection(self._parameters(f"cancel listener {os.getpid()}"))
-            except (pika.exceptions.AMQPError, OSError) as error:
-                logger.warning("Cannot reach RabbitMQ for cancel requests ({!r}); retrying in {:.1f} s.", error, backoff.next_s)
-                backoff.pause(self._closing)
-                continue
-            try:
-                channel = connection.channel()
-                with self._lock:
-                    self._consuming = (connection, channel)
-                if self._closing.is_set():
-                    break
-                self._declare(channel)
-                queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
-                channel.queue_bind(queue, EXCHANGE)
-                channel.basic_consume(queue, lambda _ch, _method, _props, body: _deliver(on_request, body), auto_ack=True)
-                backoff.reset()
-                channel.start_consuming()
-            except (pika.exceptions.AMQPError, OSError) as error:
-                if not self._closing.is_set():
-                    logger.warning(
-                        "Lost RabbitMQ for cancel requests ({!r}); the store check stands in until it is back.", error
-                    )
-                    backoff.pause(self._closing)
-            finally:
-                with self._lock:
-                    self._consuming = None
-                if connection.is_open:
-                    with contextlib.suppress(pika.exceptions.AMQPError):
-                        connection.close()
-
-    def _parameters(self, purpose: str) -> pika.URLParameters:
-        parameters = pika.URLParameters(self.url)
-        parameters.client_properties = {"connection_name": f"engine {purpose} {socket.gethostname()}"}
-        return parameters
-
-    @staticmethod
-    def _declare(channel: BlockingChannel) -> None:
-        # Durable, so that it outlives a RabbitMQ restart between a listener's reconnects.
-        channel.exchange_declare(EXCHANGE, exchange_type="fanout", durable=True)
-
-
-def _deliver(on_request: Callable[[str], object], body: bytes) -> None:
-    try:
-        on_request(body.decode())
-    except Exception:
-        logger.exception("Failed to handle a cancel request for {!r}.", body)
+        return Fanout(broker_url, EXCHANGE, name="cancel")
+    directory = sidecar_directory(store, "cancel")
+    return SocketDirectory(directory) if directory is not None else None

@@ -77,7 +77,7 @@ DESELECTED: dict[str, Listed] = {
     "test_rabbitmq.py::test_rabbitmq_workers_handle_rabbit_failures_gracefully": Listed(
         COMBINATIONS,
         "stops and starts the RabbitMQ node (rabbitmqctl stop_app): never on a machine whose RabbitMQ others use;"
-        " reconnection is tested by tests/brokers/test_rabbitmq_broker.py",
+        " reconnection is tested by tests/brokers/rabbitmq/ (test_pool.py, test_sender.py)",
     ),
     "test_broker.py::test_broker_uses_rabbitmq_if_not_set": Listed(
         COMBINATIONS, "Dramatiq's global default broker (dramatiq.get_broker()), not one of the engine's"
