@@ -54,7 +54,7 @@ import psutil
 from engine.lifetime import dying_with_this_process
 
 from .services import database, log, vhost
-from .variant import BASELINES, RABBITMQ_VARIANTS, REPO, VARIANTS, missing_huey
+from .variant import BASELINES, RABBITMQ_VARIANTS, REPO, VARIANTS, missing_huey, sqlite_url
 
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672"
 DEFAULT_PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -100,7 +100,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
         if name == "engine-pg":
             command += ["--store-url", stack.enter_context(database(args.pg_admin_url, f"bench_{tag.replace('-', '_')}"))]
         if name in ("engine-sqlite", "huey"):
-            command += ["--store-url", f"sqlite:///{directory / ('huey.db' if name == 'huey' else 'engine.db')}"]
+            command += ["--store-url", sqlite_url(name, directory)]
         log(f"{name}: running in {directory}")
         # A session of its own: its workers share its process group, which is killed whatever
         # happens here; and it dies with this process, should this one be killed.

@@ -165,6 +165,11 @@ class Variant:
         return [[str(BIN / "dramatiq"), self.actor_module, "--processes", p, "--threads", t]]
 
 
+def sqlite_url(name: str, directory: Path) -> str:
+    """The SQLite file of an embedded variant in its directory: the engine's store and broker, or huey's."""
+    return f"sqlite:///{directory / ('huey.db' if name == 'huey' else 'engine.db')}"
+
+
 def missing_huey() -> Optional[str]:
     """Why the huey variant cannot run here, if it cannot: huey is an optional dependency."""
     try:
@@ -398,6 +403,19 @@ class HueyDepth:
         self.connection.close()
 
 
+def queue_depth(workers: Workers, workers_started_at: float = 0.0) -> Any:
+    """The watcher of the variant's queue (`Sample`s, ``all_acked``, ``close``); the
+    processes consuming are counted among those started since `workers_started_at`."""
+    variant = workers.variant
+    if variant.huey:
+        assert variant.sqlite_path is not None
+        return HueyDepth(variant.sqlite_path, workers)
+    if variant.sqlite_path is not None:
+        return SQLiteDepth(variant.sqlite_path, workers_started_at)
+    assert variant.amqp_url and variant.vhost
+    return RabbitDepth(variant.amqp_url, variant.vhost)
+
+
 class CpuMeter:
     """CPU time (user + system) spent while the queue drains, by who spent it: the worker
     processes, this variant's PostgreSQL backends (their title names the database), the
@@ -600,13 +618,7 @@ class Run:
         return url.rsplit("/", 1)[-1].split("?")[0] if url.startswith("postgres") else None
 
     def depth(self, workers_started_at: float = 0.0) -> Any:
-        if self.variant.huey:
-            assert self.variant.sqlite_path is not None
-            return HueyDepth(self.variant.sqlite_path, self.workers)
-        if self.variant.sqlite_path is not None:
-            return SQLiteDepth(self.variant.sqlite_path, workers_started_at)
-        assert self.variant.amqp_url and self.variant.vhost
-        return RabbitDepth(self.variant.amqp_url, self.variant.vhost)
+        return queue_depth(self.workers, workers_started_at)
 
     def phase(self, name: str, started: float) -> None:
         self.results.phase_seconds[name] = round(time.monotonic() - started, 2)
