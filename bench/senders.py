@@ -91,9 +91,11 @@ def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     env = variant.environment()
     workers = Workers(variant, env)
     senders: list[subprocess.Popen[str]] = []
+    depth = None
     try:
         workers.start()
-        depth = _wait_consuming(workers)
+        depth = queue_depth(workers, workers.started_at)
+        _wait_consuming(workers, depth)
         log(f"{variant.name}: workers consuming; starting {args.senders} senders x {args.sender_threads} threads")
         for count in _shares(args.jobs, args.senders):
             senders.append(
@@ -126,8 +128,9 @@ def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         wait_until(lambda: depth.sample().remaining == 0, STALL_S * 2, "every job sent to be taken", interval=POLL_S)
         wait_until(depth.all_acked, STALL_S, "every job sent to be processed", interval=POLL_S)
         processed_s = time.time() - go
-        depth.close()
     finally:
+        if depth is not None:
+            depth.close()
         for process in senders:
             if process.poll() is None:
                 process.kill()
@@ -151,10 +154,9 @@ def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     }
 
 
-def _wait_consuming(workers: Workers) -> Any:
-    """Wait until every worker process consumes; the queue's watcher. Before the workers have
-    made their tables, sampling fails: that is only not yet."""
-    depth = queue_depth(workers, workers.started_at)
+def _wait_consuming(workers: Workers, depth: Any) -> None:
+    """Wait until every worker process consumes. Before the workers have made their tables,
+    sampling fails: that is only not yet."""
 
     def consuming() -> bool:
         workers.check()
@@ -164,11 +166,10 @@ def _wait_consuming(workers: Workers) -> Any:
             return False
 
     wait_until(consuming, 120, "every worker process to consume", interval=POLL_S)
-    return depth
 
 
-def report(result: dict[str, Any]) -> str:
-    r = result
+def report(r: dict[str, Any]) -> str:
+    """The result of `run`, for a person."""
     lines = [
         f"{r['variant']}: {r['senders']} sender processes x {r['sender_threads']} threads, {r['jobs']:,} no-op jobs "
         f"in all; workers {r['processes']} processes x {r['threads']} threads",
