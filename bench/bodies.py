@@ -1,7 +1,7 @@
-"""The job bodies both sides of the throughput benchmark run, byte for byte the same.
+"""The job bodies every side of the throughput benchmark runs, byte for byte the same.
 
 `bench.actors_bare` declares them on a plain Dramatiq RabbitMQ broker, `bench.actors_engine`
-with `engine.actor`; only the broker and its middleware differ.
+with `engine.actor`, `bench.actors_huey` as huey tasks; only the queue and its machinery differ.
 """
 
 from __future__ import annotations
@@ -11,6 +11,12 @@ import time
 
 #: Where `probe` records its start times: one file per worker process, in this directory.
 PROBE_DIR_VARIABLE = "BENCH_PROBE_DIR"
+
+#: Where `bench.actors_huey` finds its SQLite file, and its queue's name there (the ``queue``
+#: column of huey's ``task`` table). Here, not in `bench.variant`: huey's consumers import
+#: nothing of the benchmark but their actors and these bodies.
+HUEY_DB_VARIABLE = "BENCH_HUEY_DB"
+HUEY_QUEUE = "bench"
 
 
 def noop() -> None:

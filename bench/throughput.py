@@ -1,4 +1,4 @@
-"""Throughput, latency and memory: the engine with full tracking against bare Dramatiq, in one run.
+"""Throughput, latency and memory: the engine with full tracking against bare Dramatiq and huey, in one run.
 
     .venv/bin/python -m bench.throughput [--messages 20000] [--processes 2] [--threads 8]
         [--variants bare,engine-pg,engine-sqlite] [--rounds 1] [--lookup] [--json results.json]
@@ -6,8 +6,9 @@
 For each variant, on the same RabbitMQ and with the same worker configuration (P processes x T
 threads): the enqueue rate through ``actor.send()``, the processing rate of no-op jobs and of
 1 ms I/O jobs, the enqueue-to-start latency (p50, p99) on an idle system, and the RSS of each
-worker process after N and after 2N jobs. Then a table, and the ratios engine / bare with the
-targets of issue 5 marked met or missed. See README.md, "Performance", for what each figure means.
+worker process after N and after 2N jobs. Then a table, the ratios engine / bare with the
+targets of issue 5 marked met or missed, and engine / huey. See bench/README.md for what each
+figure means.
 
 With ``--rounds R``, the variants run R times, interleaved (every variant once per round), and
 the table shows each rate and latency as its median over the rounds, so that a slow spell of
@@ -22,6 +23,8 @@ Variants:
                  the like-for-like baseline.
   engine-pg      ``engine worker -p P -t T``: RabbitMQ broker, PostgreSQL store, full tracking.
   engine-sqlite  ``engine worker -p P -t T``, embedded: SQLite store and SQLite broker, no RabbitMQ.
+  huey           P x ``huey_consumer bench.actors_huey.huey -w T -k thread -q``: huey's SqliteHuey
+                 on one SQLite file, no RabbitMQ (huey is optional: ``pip install -e '.[bench]'``).
 
 Each variant runs in a process of its own (`bench.variant`) with a fresh RabbitMQ vhost, a fresh
 PostgreSQL database or SQLite file in a temporary directory, all removed afterwards, even when
@@ -51,7 +54,7 @@ import psutil
 from engine.lifetime import dying_with_this_process
 
 from .services import database, log, vhost
-from .variant import REPO, VARIANTS
+from .variant import BASELINES, RABBITMQ_VARIANTS, REPO, VARIANTS, missing_huey, sqlite_url
 
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672"
 DEFAULT_PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -91,13 +94,13 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "--workdir", str(directory), "--probes", str(args.probes),
             "--probe-interval-ms", str(args.probe_interval_ms), "--out", str(directory / "results.json"),
         ]  # fmt: skip
-        if name != "engine-sqlite":
+        if name in RABBITMQ_VARIANTS:
             host = stack.enter_context(vhost(f"bench-{name}-{tag}"))
             command += ["--amqp-url", f"{args.amqp_url}/{host}", "--vhost", host]
         if name == "engine-pg":
             command += ["--store-url", stack.enter_context(database(args.pg_admin_url, f"bench_{tag.replace('-', '_')}"))]
-        if name == "engine-sqlite":
-            command += ["--store-url", f"sqlite:///{directory / 'engine.db'}"]
+        if name in ("engine-sqlite", "huey"):
+            command += ["--store-url", sqlite_url(name, directory)]
         log(f"{name}: running in {directory}")
         # A session of its own: its workers share its process group, which is killed whatever
         # happens here; and it dies with this process, should this one be killed.
@@ -205,11 +208,11 @@ def table(results: dict[str, dict[str, Any]], n: int) -> str:
 
 def ratios(results: dict[str, dict[str, Any]], n: int) -> str:
     lines = []
-    bare, pinned = results.get("bare"), results.get("bare-pinned")
+    bare, pinned, huey = results.get("bare"), results.get("bare-pinned"), results.get("huey")
     for name, r in results.items():
-        if name.startswith("bare"):
+        if name in BASELINES:
             continue
-        lines.append(f"{name} / bare:")
+        lines.append(f"{name} / bare:" if bare is not None else f"{name}:")
         if bare is not None:
             for label, key in (("no-op processing", "noop"), ("1 ms I/O processing", "io_1ms")):
                 ratio = r[key]["rate"] / bare[key]["rate"]
@@ -218,10 +221,14 @@ def ratios(results: dict[str, dict[str, Any]], n: int) -> str:
             ratio = r["enqueue_rate"] / bare["enqueue_rate"]
             lines.append(f"  {'enqueue (actor.send)':<22} {ratio:5.2f} x   target >= {ENQUEUE_RATIO}: {_mark(ratio >= ENQUEUE_RATIO)}")
         else:
-            lines.append("  (no bare run: ratios need --variants to include bare)")
+            lines.append("  (no bare run: the targets need --variants to include bare)")
         if pinned is not None:
             noop, io = (r[key]["rate"] / pinned[key]["rate"] for key in ("noop", "io_1ms"))
             lines.append(f"  {'against bare-pinned':<22} no-op {noop:.2f} x, 1 ms I/O {io:.2f} x (both pinned)")
+        if huey is not None:
+            noop, io = (r[key]["rate"] / huey[key]["rate"] for key in ("noop", "io_1ms"))
+            enqueue = r["enqueue_rate"] / huey["enqueue_rate"]
+            lines.append(f"  {'against huey':<22} no-op {noop:.2f} x, 1 ms I/O {io:.2f} x, enqueue {enqueue:.2f} x")
         p50, p99 = r["latency_ms"]["p50"], r["latency_ms"]["p99"]
         lines.append(
             f"  {'latency':<22} p50 {p50:.1f} ms (<= {LATENCY_P50_MS:.0f}: {_mark(p50 <= LATENCY_P50_MS)}), "
@@ -254,12 +261,12 @@ def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def ratios_by_round(rounds: dict[str, list[dict[str, Any]]]) -> str:
-    """The processing ratios of each round, engine / bare, to show their spread."""
+    """The processing ratios of each round, engine / each baseline, to show their spread."""
     lines = []
     for name, runs in rounds.items():
-        if name.startswith("bare"):
+        if name in BASELINES:
             continue
-        for base in ("bare", "bare-pinned"):
+        for base in BASELINES:
             if base not in rounds:
                 continue
             cells = [
@@ -291,7 +298,7 @@ def details(results: dict[str, dict[str, Any]]) -> str:
             parts = [f"workers {cpu['workers_ms_per_job']:.2f} ms"]
             if name == "engine-pg":
                 parts.append(f"PostgreSQL {cpu['postgres_ms_per_job']:.2f} ms")
-            if name != "engine-sqlite":
+            if name in RABBITMQ_VARIANTS:
                 parts.append(f"RabbitMQ node {cpu['rabbitmq_ms_per_job']:.2f} ms")
             lines.append(
                 f"    CPU per job: {', '.join(parts)}; machine busy {cpu['machine_busy_cores']:.2f} of "
@@ -347,6 +354,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error("--messages must be at least 100")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if "huey" in names and (why := missing_huey()):
+        parser.error(why)
 
     # SIGTERM unwinds like Ctrl-C, so that workers, vhosts and databases are cleaned up.
     signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(128 + signal.SIGTERM))

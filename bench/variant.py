@@ -20,7 +20,8 @@ Completion is watched from outside the workers, at the same rate for both sides,
 touching the path being measured: a passive ``queue_declare`` on one AMQP connection (the
 ready count, and the number of consumers, to know when every worker process consumes), then
 ``rabbitmqctl`` once the queue shows empty, to check nothing is left unacknowledged. On the
-embedded broker, a count of the rows of the ``messages`` table (ready, and not yet acked).
+embedded broker, a count of the rows of the ``messages`` table (ready, and not yet acked). For
+huey, a count of the rows of its ``task`` table in its SQLite file.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import psutil
 
 from engine.lifetime import dying_with_this_process
 
-from .bodies import PROBE_DIR_VARIABLE
+from .bodies import HUEY_DB_VARIABLE, HUEY_QUEUE, PROBE_DIR_VARIABLE
 from .services import log
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,7 +60,13 @@ FAST_POLL_S = 0.005
 #: A drain that makes no progress for this long has failed.
 STALL_S = 90.0
 
-VARIANTS = ("bare", "bare-pinned", "engine-pg", "engine-sqlite")
+VARIANTS = ("bare", "bare-pinned", "engine-pg", "engine-sqlite", "huey")
+
+#: The variants the engine is compared with, never measured against each other.
+BASELINES = ("bare", "bare-pinned", "huey")
+
+#: The variants that need a RabbitMQ vhost.
+RABBITMQ_VARIANTS = ("bare", "bare-pinned", "engine-pg")
 
 #: How long after its start a pinned variant's new threads are looked for and pinned.
 PIN_WATCH_S = 5.0
@@ -91,7 +98,25 @@ class Variant:
         return self.name == "bare-pinned"
 
     @property
+    def huey(self) -> bool:
+        return self.name == "huey"
+
+    @property
+    def supervised(self) -> bool:
+        """One supervisor that forks the worker processes (Dramatiq, the engine), or one
+        command per worker process (``huey_consumer``, which runs one process of threads)."""
+        return not self.huey
+
+    @property
+    def stop_signal(self) -> signal.Signals:
+        """The signal that stops the workers gracefully: huey's is SIGINT (SIGTERM interrupts
+        running tasks), Dramatiq's and the engine's SIGTERM."""
+        return signal.SIGINT if self.huey else signal.SIGTERM
+
+    @property
     def actor_module(self) -> str:
+        if self.huey:
+            return "bench.actors_huey"
         return "bench.actors_engine" if self.engine else "bench.actors_bare"
 
     @property
@@ -100,6 +125,7 @@ class Variant:
 
     @property
     def sqlite_path(self) -> Optional[Path]:
+        """The embedded engine's SQLite file, or huey's."""
         if self.store_url and self.store_url.startswith("sqlite:///") and not self.amqp_url:
             return Path(self.store_url[len("sqlite:///") :])
         return None
@@ -120,48 +146,76 @@ class Variant:
             env["ENGINE_SHUTDOWN_TIMEOUT_S"] = "30"  # only how long a stop may take; nothing runs then
             if self.amqp_url:
                 env["ENGINE_BROKER_URL"] = self.amqp_url
+        elif self.huey:
+            env[HUEY_DB_VARIABLE] = str(self.sqlite_path)
         else:
             env["BENCH_AMQP_URL"] = self.amqp_url or ""
         return env
 
-    def worker_command(self) -> list[str]:
+    def worker_commands(self) -> list[list[str]]:
+        """The commands that start the workers: one supervisor, or one per worker process."""
         p, t = str(self.processes), str(self.threads)
         if self.engine:
-            return [str(BIN / "engine"), "worker", "-p", p, "-t", t]
-        return [str(BIN / "dramatiq"), self.actor_module, "--processes", p, "--threads", t]
+            return [[str(BIN / "engine"), "worker", "-p", p, "-t", t]]
+        if self.huey:
+            # -q: huey logs two lines per task at its default level, Dramatiq and the engine
+            # none per job; polling (-d, -m, -b) keeps huey's defaults.
+            consumer = [str(BIN / "huey_consumer"), f"{self.actor_module}.huey", "-w", t, "-k", "thread", "-q"]
+            return [consumer] * self.processes
+        return [[str(BIN / "dramatiq"), self.actor_module, "--processes", p, "--threads", t]]
+
+
+def sqlite_url(name: str, directory: Path) -> str:
+    """The SQLite file of an embedded variant in its directory: the engine's store and broker, or huey's."""
+    return f"sqlite:///{directory / ('huey.db' if name == 'huey' else 'engine.db')}"
+
+
+def missing_huey() -> Optional[str]:
+    """Why the huey variant cannot run here, if it cannot: huey is an optional dependency."""
+    try:
+        import huey  # noqa: F401
+    except ImportError:
+        return "the huey variant needs huey (>= 2.5): pip install -e '.[bench]'"
+    return None
 
 
 # -- worker processes ---------------------------------------------------------------------------
 
 
 class Workers:
-    """The worker tree: ``dramatiq ...`` or ``engine worker ...`` and the processes it starts."""
+    """The worker tree: ``dramatiq ...`` or ``engine worker ...`` and the processes it starts,
+    or the ``huey_consumer`` processes, one per worker process."""
 
     def __init__(self, variant: Variant, env: dict[str, str]) -> None:
         self.variant = variant
         self.env = env
         self.log_path = variant.workdir / "workers.log"
-        self.process: Optional[subprocess.Popen[bytes]] = None
+        self.processes: list[subprocess.Popen[bytes]] = []
         self.started_at = 0.0  # time.time() of the start
 
     def start(self) -> None:
-        command = self.variant.worker_command()
-        log(f"{self.variant.name}: starting {' '.join(Path(command[0]).name if i == 0 else c for i, c in enumerate(command))}")
+        commands = self.variant.worker_commands()
+        command = commands[0]
+        shown = " ".join(Path(command[0]).name if i == 0 else c for i, c in enumerate(command))
+        log(f"{self.variant.name}: starting {shown}" + (f" (x {len(commands)})" if len(commands) > 1 else ""))
         with open(self.log_path, "ab") as out:
-            out.write(f"\n==== {time.strftime('%H:%M:%S')} {' '.join(command)}\n".encode())
+            out.write(f"\n==== {time.strftime('%H:%M:%S')} {' '.join(command)} (x {len(commands)})\n".encode())
             out.flush()
             self.started_at = time.time()
             # Same process group as this driver: the orchestrator kills the whole group on error.
             # Bound to this driver too, for when the driver alone is killed.
-            self.process = subprocess.Popen(
-                command,
-                env=self.env,
-                cwd=REPO,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                preexec_fn=dying_with_this_process(),
-            )
+            for command in commands:
+                self.processes.append(
+                    subprocess.Popen(
+                        command,
+                        env=self.env,
+                        cwd=REPO,
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        preexec_fn=dying_with_this_process(),
+                    )
+                )
         if self.variant.pinned_from_outside:
             threading.Thread(target=self._pin_while_booting, daemon=True).start()
 
@@ -180,18 +234,21 @@ class Workers:
             time.sleep(0.005)
 
     def check(self) -> None:
-        """Raise if the supervisor has exited."""
-        if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(f"the workers exited with code {self.process.returncode}:\n{self.log_tail()}")
+        """Raise if the supervisor, or a worker process started on its own, has exited."""
+        for process in self.processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"the workers exited with code {process.returncode}:\\n{self.log_tail()}")
 
     def children(self) -> list[psutil.Process]:
-        """The worker processes: direct children of the supervisor, not the supervisor."""
-        if self.process is None:
-            return []
-        try:
-            return psutil.Process(self.process.pid).children()
-        except psutil.NoSuchProcess:
-            return []
+        """The worker processes: direct children of the supervisor, not the supervisor; or the
+        processes started, when each is a worker process."""
+        found = []
+        for process in self.processes:
+            try:
+                found += psutil.Process(process.pid).children() if self.variant.supervised else [psutil.Process(process.pid)]
+            except psutil.NoSuchProcess:
+                pass
+        return found
 
     def rss_mb(self) -> dict[int, float]:
         rss = {}
@@ -203,31 +260,35 @@ class Workers:
         return rss
 
     def stop(self, timeout: float = 60.0) -> None:
-        """SIGTERM the supervisor (it stops its workers), then kill whatever is left."""
-        if self.process is None:
-            return
+        """Signal the supervisor (it stops its workers), or each worker process, to stop
+        gracefully, then kill whatever is left."""
         tree = self.children()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(self.variant.stop_signal)
+        deadline = time.monotonic() + timeout
+        for process in self.processes:
             try:
-                self.process.wait(timeout)
+                process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log(f"{self.variant.name}: workers did not stop within {timeout:.0f} s; killing them")
+                break
         self.kill(tree)
 
     def kill(self, tree: Optional[list[psutil.Process]] = None) -> None:
         tree = (tree or []) + self.children()
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
         for child in tree:
             try:
                 child.kill()
             except psutil.NoSuchProcess:
                 pass
-        if self.process is not None:
-            self.process.wait()
+        for process in self.processes:
+            process.wait()
         psutil.wait_procs(tree, timeout=10)
-        self.process = None
+        self.processes = []
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -316,6 +377,43 @@ class SQLiteDepth:
 
     def close(self) -> None:
         self.connection.close()
+
+
+class HueyDepth:
+    """huey's queue, counted in its SQLite file: the rows of its ``task`` table. huey has no
+    acknowledgement: a worker thread deletes the row as it takes the task, so the count is of
+    tasks not yet taken, and an empty table leaves at most one running task per worker thread.
+    Worker processes consuming: those whose worker threads have all started (huey registers
+    its consumers nowhere), seen from outside as main + scheduler + threads."""
+
+    def __init__(self, path: Path, workers: Workers) -> None:
+        self.connection = sqlite3.connect(str(path), timeout=30, isolation_level=None)
+        self.workers = workers
+
+    def sample(self) -> Sample:
+        (ready,) = self.connection.execute("SELECT count(*) FROM task WHERE queue = ?", (HUEY_QUEUE,)).fetchone()
+        want = self.workers.variant.threads + 2
+        consumers = sum(1 for process in self.workers.children() if len(_threads(process)) >= want)
+        return Sample(time.monotonic(), ready, ready, consumers)
+
+    def all_acked(self) -> bool:
+        return self.sample().ready == 0
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def queue_depth(workers: Workers, workers_started_at: float = 0.0) -> Any:
+    """The watcher of the variant's queue (`Sample`s, ``all_acked``, ``close``); the
+    processes consuming are counted among those started since `workers_started_at`."""
+    variant = workers.variant
+    if variant.huey:
+        assert variant.sqlite_path is not None
+        return HueyDepth(variant.sqlite_path, workers)
+    if variant.sqlite_path is not None:
+        return SQLiteDepth(variant.sqlite_path, workers_started_at)
+    assert variant.amqp_url and variant.vhost
+    return RabbitDepth(variant.amqp_url, variant.vhost)
 
 
 class CpuMeter:
@@ -520,10 +618,7 @@ class Run:
         return url.rsplit("/", 1)[-1].split("?")[0] if url.startswith("postgres") else None
 
     def depth(self, workers_started_at: float = 0.0) -> Any:
-        if self.variant.sqlite_path is not None:
-            return SQLiteDepth(self.variant.sqlite_path, workers_started_at)
-        assert self.variant.amqp_url and self.variant.vhost
-        return RabbitDepth(self.variant.amqp_url, self.variant.vhost)
+        return queue_depth(self.workers, workers_started_at)
 
     def phase(self, name: str, started: float) -> None:
         self.results.phase_seconds[name] = round(time.monotonic() - started, 2)
