@@ -14,8 +14,9 @@ it, in the process's default registry.
 
 from __future__ import annotations
 
+import functools
 import time
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 from dramatiq import Message
 from dramatiq.common import q_name
@@ -64,40 +65,67 @@ def mark_due(message: Message, delay: Optional[int]) -> bool:
 
 def job_enqueued(message: Message, recorded: Optional[Pending[None]] = None) -> None:
     """Count a job sent, now or once its row is committed (`recorded`, if it has not failed)."""
-    child = JOBS_ENQUEUED.labels(*_labels(message))
+    enqueued = _of(message).enqueued
     if recorded is None:
-        child.inc()
-    else:
-        recorded.add_done_callback(lambda done: done.exception() is None and child.inc())
+        enqueued.inc()
+        return
+
+    def count(done: Pending[None]) -> None:
+        if done.exception() is None:
+            enqueued.inc()
+
+    recorded.add_done_callback(count)
 
 
 def attempt_started(message: Message, started_at: float) -> None:
     """An attempt of `message`'s job started at `started_at` (epoch seconds, as committed)."""
-    labels = _labels(message)
-    IN_PROGRESS.labels(*labels).inc()
+    metrics = _of(message)
+    metrics.in_progress.inc()
     due_ms = message.options.get(DUE_OPTION, message.message_timestamp)
     # Clocks of different hosts may disagree by a little: never a negative wait.
-    QUEUE_WAIT.labels(*labels).observe(max(0.0, started_at - due_ms / 1000))
+    metrics.queue_wait.observe(max(0.0, started_at - due_ms / 1000))
 
 
 def attempt_ended(message: Message, outcome: Outcome, started_at: float, recorded: Pending[None]) -> None:
     """An attempt started at `started_at` ended with `outcome`; counted once `recorded` is committed."""
-    labels = _labels(message)
-    IN_PROGRESS.labels(*labels).dec()
+    metrics = _of(message)
+    metrics.in_progress.dec()
     duration_s = max(0.0, time.time() - started_at)
 
     def count(done: Pending[None]) -> None:
         if done.exception() is None:
-            ATTEMPTS.labels(*labels, outcome.value).inc()
-            ATTEMPT_DURATION.labels(*labels).observe(duration_s)
+            metrics.attempts[outcome].inc()
+            metrics.duration.observe(duration_s)
 
     recorded.add_done_callback(count)
 
 
 def attempt_abandoned(message: Message) -> None:
     """The start of `message`'s job closed its previous attempt as abandoned (its worker died)."""
-    ATTEMPTS.labels(*_labels(message), Outcome.ABANDONED.value).inc()
+    _of(message).attempts[Outcome.ABANDONED].inc()
 
 
-def _labels(message: Message) -> tuple[str, str]:
-    return message.actor_name, q_name(message.queue_name)
+class _ActorMetrics(NamedTuple):
+    """The metrics of one actor and queue, looked up once: a job makes a few calls to each."""
+
+    enqueued: Any
+    attempts: dict[Outcome, Any]
+    duration: Any
+    queue_wait: Any
+    in_progress: Any
+
+
+def _of(message: Message) -> _ActorMetrics:
+    return _actor_metrics(message.actor_name, message.queue_name)
+
+
+@functools.cache  # actors and queues are few
+def _actor_metrics(actor: str, queue_name: str) -> _ActorMetrics:
+    queue = q_name(queue_name)  # a delayed message's queue is the delay queue
+    return _ActorMetrics(
+        enqueued=JOBS_ENQUEUED.labels(actor, queue),
+        attempts={outcome: ATTEMPTS.labels(actor, queue, outcome.value) for outcome in Outcome},
+        duration=ATTEMPT_DURATION.labels(actor, queue),
+        queue_wait=QUEUE_WAIT.labels(actor, queue),
+        in_progress=IN_PROGRESS.labels(actor, queue),
+    )
