@@ -136,7 +136,7 @@ def test_a_delayed_job_waits_from_its_due_time_which_its_row_does_not_keep(stub_
         return None
 
     stub_worker.pause()
-    sent_at_ms = time.time() * 1000
+    sent_at_ms = int(time.time() * 1000)
     job = engine.submit("metered_later", delay=5)
     [encoded] = list(stub_broker.queues["default.DQ"].queue)
     due_ms = Message.decode(encoded).options[metrics.DUE_OPTION]
