@@ -4,6 +4,7 @@ multiprocess directory holds no more files after many restarts."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import urllib.request
@@ -30,7 +31,8 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 class Host:
-    """An ``engine worker`` serving metrics on a free port, and what a test reads of it."""
+    """An ``engine worker`` or ``engine run`` serving metrics on a free port, and what a test
+    reads of it."""
 
     def __init__(self, process: EngineProcess) -> None:
         self.process = process
@@ -39,13 +41,16 @@ class Host:
         )
         self.url = found.group(1)
 
+    def children(self) -> list[psutil.Process]:
+        """Its live processes: workers, and with ``engine run`` the API and the scheduler."""
+        return [child for child in psutil.Process(self.process.pid).children() if child.status() != psutil.STATUS_ZOMBIE]
+
     def workers(self, count: int = 2) -> list[psutil.Process]:
         """Its `count` live worker processes, once each has said it is ready."""
 
         def ready() -> list[psutil.Process]:
             output = self.process.output()
-            children = [child for child in psutil.Process(self.process.pid).children() if child.status() != psutil.STATUS_ZOMBIE]
-            up = [child for child in children if re.search(rf"\[{child.pid}\].*{READY}", output)]
+            up = [child for child in self.children() if re.search(rf"\[{child.pid}\].*{READY}", output)]
             return up if len(up) == count else []
 
         return wait_for(ready, 30, f"{count} ready workers\n{self.process.output()[-3000:]}")
@@ -100,10 +105,19 @@ def assert_no_counter_went_back(before: Samples, after: Samples) -> None:
 
 
 def assert_only_live_processes_have_files(host: Host, directory: str) -> None:
-    live = {str(worker.pid) for worker in host.workers()}
+    host.workers()  # all up again
+    live = {str(child.pid) for child in host.children()}
     owners = [name.rsplit("_", 1)[1].removesuffix(".db") for name in os.listdir(directory) if name.endswith(".db")]
     assert set(owners) <= live | {"archive"}, sorted(os.listdir(directory))
     assert owners.count("archive") <= len(ARCHIVED_TYPES)
+
+
+def submit_through_the_api(host: Host) -> None:
+    api = re.search(r"API listening on (http://\S+)", host.process.output()).group(1)
+    body = json.dumps({"actor": "echo", "args": [1]}).encode()
+    request = urllib.request.Request(f"{api}/api/jobs", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        wait_for_state(json.loads(answer.read())["id"], FINISHED)
 
 
 def kill_and_wait_for_restart(host: Host, victim: psutil.Process) -> None:
@@ -111,10 +125,10 @@ def kill_and_wait_for_restart(host: Host, victim: psutil.Process) -> None:
     wait_for(lambda: victim.pid not in {worker.pid for worker in host.workers()}, 30, f"worker {victim.pid} replaced")
 
 
-@pytest.mark.parametrize("mode", ["distributed"], indirect=True)
-def test_counters_survive_killed_workers_and_agree_with_the_store(engine_env, start_engine):
+@pytest.mark.parametrize(("mode", "command"), [("distributed", "worker"), ("embedded", "run")], indirect=["mode"])
+def test_counters_survive_killed_workers_and_agree_with_the_store(engine_env, start_engine, command):
     engine_env["ENGINE_METRICS_PORT"] = "0"
-    host = Host(start_engine("worker", "--processes", "2", "--threads", "2"))
+    host = Host(start_engine(command, "--processes", "2", "--threads", "2"))
     directory = host.metrics_dir()
     run_jobs()
     first = assert_agrees_with_the_store(host)
@@ -142,9 +156,14 @@ def test_counters_survive_killed_workers_and_agree_with_the_store(engine_env, st
         assert third[("engine_worker_restarts_total", ())] == kills
         second = third
 
+    if command == "run":  # its API process sends jobs: counted by the host
+        submit_through_the_api(host)
+        enqueued = ("engine_jobs_enqueued_total", (("actor", "echo"), ("queue", "default")))
+        wait_for(lambda: host.scrape().get(enqueued) == 1, 10, "the API's job to be counted")
+
     # A new supervisor starts from a new, empty directory; the old one is gone.
     assert host.process.stop() == 0
     assert not os.path.exists(directory)
-    again = Host(start_engine("worker", "--processes", "2", "--threads", "2"))
+    again = Host(start_engine(command, "--processes", "2", "--threads", "2"))
     assert again.metrics_dir() != directory
     assert attempts_by_outcome(again.scrape()) == Counter()
