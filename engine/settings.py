@@ -44,15 +44,6 @@ class Settings(BaseSettings):
     api_max_connections: int = Field(
         default=256, ge=1, description="open connections the API serves at once (a thread each); more are refused"
     )
-    metrics_host: str = Field(
-        default="127.0.0.1", description="where a worker host serves /metrics; 0.0.0.0 for every interface"
-    )
-    metrics_port: Optional[int] = Field(
-        default=None,
-        ge=0,
-        le=65535,
-        description="port of a worker host's /metrics (engine worker, engine run, engine metrics-server); unset: none; 0: any free port",
-    )
     actor_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
     schedules_file: Optional[Path] = Field(default=None, description="TOML file of cron schedules, applied at start")
     retention_days: float = Field(
@@ -84,6 +75,15 @@ class Settings(BaseSettings):
     sched_batch: bool = Field(
         default=True,
         description="run worker processes' threads under Linux's SCHED_BATCH policy (see engine.middleware.scheduling)",
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1", description="where a worker host serves /metrics; 0.0.0.0 for every interface"
+    )
+    metrics_port: Optional[int] = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="port of a worker host's /metrics (engine worker, engine run, engine metrics-server); unset: none; 0: any free port",
     )
 
     heartbeat_interval_s: float = Field(default=2.0, gt=0, description="how often a worker process says it lives")
