@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import urllib.request
 
@@ -108,3 +109,17 @@ def test_the_server_answers_on_loopback_by_default_with_the_exposition_and_healt
             assert answer.read() == b"ok\n"
     finally:
         server.close()
+
+
+def test_a_supervisor_whose_metrics_port_is_taken_says_so_and_starts_nothing(tmp_path):
+    taken = socket.create_server(("127.0.0.1", 0))
+    env = {name: value for name, value in os.environ.items() if not name.startswith("ENGINE_")}
+    env.update(ENGINE_STORE_URL=f"sqlite:///{tmp_path}/engine.db", ENGINE_METRICS_PORT=str(taken.getsockname()[1]))
+    try:
+        done = run_process(
+            [sys.executable, "-m", "engine.cli", "worker"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+    finally:
+        taken.close()
+    assert done.returncode == 2
+    assert "cannot serve metrics on 127.0.0.1" in done.stderr and "Started worker" not in done.stderr
