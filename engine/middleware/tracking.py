@@ -15,6 +15,9 @@ The path of a job through this middleware:
   message is acknowledged. It runs after Retries has decided (this middleware sits before
   Retries in the list, and Dramatiq calls ``after_*`` hooks in reverse), so a failed message is
   known to be final or to have been re-enqueued.
+
+At each of these points Tracking hands what it decided (a job sent, an attempt started, taken
+over from a dead worker, or ended with its outcome) to `engine.metrics.process`, one call each.
 """
 
 from __future__ import annotations
