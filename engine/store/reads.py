@@ -123,6 +123,24 @@ class Reads(Database):
             counts = dict(connection.execute(query).all())
         return {state: counts.get(state, 0) for state in JobState}
 
+    def oldest_waiting_by_queue(self, *, now: float) -> dict[str, float]:
+        """Since when (seconds since the epoch) the longest-waiting job of each queue has been
+        due and not started, for queues with one: a `queued` job since it was queued (its
+        ``updated_at``: no other write touches a queued row, but the resend's claim of one whose
+        message never came, which sends it again), a `scheduled` job past its due time (a
+        delay, or a retry's backoff: brokers that keep due times start such jobs without
+        moving them to `queued`) since that time. One query, through ``ix_jobs_state_created``:
+        it reads every queued and scheduled job."""
+        waiting = (jobs.c.state == JobState.QUEUED) | (jobs.c.scheduled_for <= now)
+        since = case((jobs.c.state == JobState.QUEUED, jobs.c.updated_at), else_=jobs.c.scheduled_for)
+        query = (
+            select(jobs.c.queue, func.min(since))
+            .where(jobs.c.state.in_([JobState.QUEUED, JobState.SCHEDULED]), waiting)
+            .group_by(jobs.c.queue)
+        )
+        with self.reading() as connection:
+            return dict(connection.execute(query).all())
+
     def list_workers(self, *, seen_since: float) -> list[Worker]:
         """Worker processes whose last heartbeat is at or after `seen_since`, live or not,
         newest start first, each with the jobs it is running."""
