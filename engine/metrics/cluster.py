@@ -275,7 +275,7 @@ class _Reader:
                 return None
             reading = _Reading()
             self._thread = threading.Thread(
-                target=reading.run, args=(self._read, deadline, self.what), name="metrics-read", daemon=True
+                target=reading.run, args=(self._read, deadline, self.what), name=f"metrics: {self.what}", daemon=True
             )
             self._thread.start()
         return reading
