@@ -79,6 +79,7 @@ class ClusterCollector:
         self.dead_after_s = dead_after_s
         self.timeout_s = timeout_s
         self._fires = _FireTally()
+        self._next_fires = _NextFires()
         self._readers = {
             "store": _Reader("the store's ping", self._ping),
             "reads": _Reader("the store's reads", self._read_store),
@@ -92,7 +93,7 @@ class ClusterCollector:
     def collect(self) -> Iterator[Metric]:
         deadline = time.monotonic() + self.timeout_s
         readings = {name: reader.start(deadline) for name, reader in self._readers.items()}
-        found = {name: _wait(self._readers[name], reading, deadline, self.timeout_s) for name, reading in readings.items()}
+        found = {name: _wait(self._readers[name], each, deadline, self.timeout_s) for name, each in readings.items()}
         store, broker = found["reads"], found["broker"]
 
         up = GaugeMetricFamily("engine_up", "Whether the component answered this scrape (1) or not (0)", labels=["component"])
@@ -109,9 +110,10 @@ class ClusterCollector:
         if "waiting" in store:
             yield _oldest_ages(store["waiting"], store["now"], queues=broker.get("depths", {}))
         if "workers_alive" in store:
-            yield GaugeMetricFamily("engine_workers_alive", "Worker processes alive (heard from, not stopped)", value=store["workers_alive"])
+            alive = "Worker processes alive (heard from, not stopped)"
+            yield GaugeMetricFamily("engine_workers_alive", alive, value=store["workers_alive"])
         if "fires" in store:
-            yield from _schedule_metrics(store["schedules"], store["fires"])
+            yield from _schedule_metrics(store["schedules"], store["fires"], self._next_fires.lookup())
 
     # -- the reads, each on its reader's thread ------------------------------------------------
 
@@ -198,7 +200,11 @@ def _oldest_ages(waiting_since: dict[str, float], now: float, *, queues: dict[st
     return family
 
 
-def _schedule_metrics(schedules: list[StoredSchedule], fires: dict[tuple[str, FireOutcome], FireCount]) -> Iterator[Metric]:
+def _schedule_metrics(
+    schedules: list[StoredSchedule],
+    fires: dict[tuple[str, FireOutcome], FireCount],
+    next_fire: Callable[[StoredSchedule, Optional[float]], Optional[float]],
+) -> Iterator[Metric]:
     fired = CounterMetricFamily(
         "engine_schedule_fires_total", "Fire times in the schedule's ledger, by outcome", labels=["schedule", "outcome"]
     )
@@ -221,20 +227,43 @@ def _schedule_metrics(schedules: list[StoredSchedule], fires: dict[tuple[str, Fi
                 latest = count.latest
         if latest is not None:
             last.add_metric([name], latest)
-        due = _next_fire(stored, latest)
+        due = next_fire(stored, latest)
         if due is not None:
             upcoming.add_metric([name], due)
     yield from (fired, last, upcoming)
 
 
-def _next_fire(stored: StoredSchedule, last_fire: Optional[float]) -> Optional[float]:
-    """When the schedule is due after its latest fire, or after it was created, resumed or
-    retimed (`active_since`), whichever is later, as a scheduler counts (`scheduler.service`);
-    None when it is paused or its cron has no time left."""
-    if not stored.schedule.enabled:
-        return None
-    after = datetime.fromtimestamp(max(last_fire or 0.0, stored.active_since), tz=timezone.utc)
-    found = stored.schedule.next_fire_times(1, after=after)
+class _NextFires:
+    """When schedules are due next, remembered from one scrape to the next by cron expression,
+    zone and the time after which: the schedules of one cron expression that fired together
+    share one, and one changes only when its schedule fires, so that a scrape computes few."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, str, float], Optional[float]] = {}
+
+    def lookup(self) -> Callable[[StoredSchedule, Optional[float]], Optional[float]]:
+        """The lookup of one scrape (`_next_fire`); the next scrape forgets what this one did
+        not look up."""
+        known, used = self._known, {}
+        self._known = used
+
+        def next_fire(stored: StoredSchedule, last_fire: Optional[float]) -> Optional[float]:
+            if not stored.schedule.enabled:
+                return None
+            after = max(last_fire or 0.0, stored.active_since)
+            key = (stored.schedule.cron, stored.schedule.timezone, after)
+            if key not in used:
+                used[key] = known[key] if key in known else _next_fire(stored, after)
+            return used[key]
+
+        return next_fire
+
+
+def _next_fire(stored: StoredSchedule, after: float) -> Optional[float]:
+    """When the schedule is due after `after`: its latest fire, or when it was created, resumed
+    or retimed (`active_since`), whichever is later, as a scheduler counts (`scheduler.service`);
+    None when its cron has no time left."""
+    found = stored.schedule.next_fire_times(1, after=datetime.fromtimestamp(after, tz=timezone.utc))
     return found[0].timestamp() if found else None
 
 
