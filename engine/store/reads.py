@@ -125,12 +125,15 @@ class Reads(Database):
 
     def oldest_waiting_by_queue(self, *, now: float) -> dict[str, float]:
         """Since when (seconds since the epoch) the longest-waiting job of each queue has been
-        due and not started, for queues with one: a `queued` job since it was queued (its
-        ``updated_at``: no other write touches a queued row, but the resend's claim of one whose
-        message never came, which sends it again), a `scheduled` job past its due time (a
-        delay, or a retry's backoff: brokers that keep due times start such jobs without
-        moving them to `queued`) since that time. One query, through ``ix_jobs_state_created``:
-        it reads every queued and scheduled job."""
+        due and not started, for the queues that have one:
+
+        - a `queued` job since it was queued: its ``updated_at``, which nothing else changes
+          while it is queued but the resend's claim (`claim_unsent`), which sends it again;
+        - a `scheduled` job (a delay, a retry's backoff) since its due time, once past: the
+          brokers start such a job without moving it to `queued`.
+
+        One query, through ``ix_jobs_state_created``: it reads every queued and scheduled job.
+        """
         waiting = (jobs.c.state == JobState.QUEUED) | (jobs.c.scheduled_for <= now)
         since = case((jobs.c.state == JobState.QUEUED, jobs.c.updated_at), else_=jobs.c.scheduled_for)
         query = (
