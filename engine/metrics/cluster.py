@@ -33,8 +33,8 @@ from scheduler.ledger import FireCount, FireOutcome, Ledger, StoredSchedule
 from ..job import JobState
 from ..store import Store
 
-#: Rows of the fire ledger younger than this (seconds) are counted afresh at every scrape: an
-#: older row was committed with every row of a lower id (see `Ledger.count_fires`).
+#: Rows of the fire ledger younger than this (seconds) are counted afresh at every scrape: by
+#: the time a row is older, every row of a lower id has been committed (see `Ledger.count_fires`).
 FIRES_SETTLE_S = 300.0
 
 #: The outcome label of each outcome of the ledger. A fire time skipped because the previous
@@ -158,9 +158,10 @@ class _FireTally:
         self._settled: dict[tuple[str, FireOutcome], FireCount] = {}
 
     def count(self, ledger: Ledger, schedules: set[str], now: float) -> dict[tuple[str, FireOutcome], FireCount]:
-        """The counts of the rows up to now, of the `schedules` that exist."""
+        """The counts of every row so far, `schedules` being the names that exist now."""
         if {name for name, _ in self._settled} - schedules:
-            # A schedule was deleted, with its rows: SQLite may give their ids to new rows.
+            # A schedule was deleted, with its rows, whose ids SQLite may give to new rows: all
+            # are counted again (what was purged no longer is: Prometheus takes it for a restart).
             self._after_id, self._settled = 0, {}
         counts = ledger.count_fires(after_id=self._after_id, settled_before=now - FIRES_SETTLE_S)
         self._settled = _added(self._settled, counts.settled)

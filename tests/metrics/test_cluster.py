@@ -152,6 +152,25 @@ def test_fire_counts_never_go_down_when_the_ledger_is_purged(serve, mode, monkey
     assert value(samples, "engine_schedule_last_fire_timestamp_seconds", schedule="minutely") == base + 60 * 5
 
 
+def test_the_fires_of_a_deleted_schedule_go_and_the_others_count_on(serve, monkeypatch):
+    monkeypatch.setattr(cluster, "FIRES_SETTLE_S", 0.0)
+    client = serve()  # on SQLite, the next rows take the ids of the latest rows deleted
+    store = engine.get_store()
+    engine.set_schedule("stays", "echo", "* * * * *")
+    engine.set_schedule("goes", "echo", "* * * * *")
+    claimed(store, Claim("stays", 60.0, FireOutcome.ENQUEUED, "a"))
+    claimed(store, Claim("goes", 60.0, FireOutcome.ENQUEUED, "b"), Claim("goes", 120.0, FireOutcome.ENQUEUED, "c"))
+    scrape(client)
+
+    engine.delete_schedule("goes")
+    claimed(store, Claim("stays", 120.0, FireOutcome.ENQUEUED, "d"), Claim("stays", 180.0, FireOutcome.MISSED))
+    samples = scrape(client)
+
+    assert value(samples, "engine_schedule_fires_total", schedule="stays", outcome="enqueued") == 2
+    assert value(samples, "engine_schedule_fires_total", schedule="stays", outcome="missed") == 1
+    assert not [labels for name, labels in samples if ("schedule", "goes") in labels]
+
+
 def test_recent_fires_are_counted_again_until_they_settle(store):
     # given fires just recorded, which a transaction still open could precede by id
     ledger = Ledger(store)
