@@ -272,15 +272,17 @@ def _next_fire(stored: StoredSchedule, after: float) -> Optional[float]:
 
 
 class _Reading:
-    """One run of a read: what it found so far, and whether it is done."""
+    """One run of a read, for the scrapes that came before its `deadline`: what it found so
+    far, and whether it is done."""
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
         self.found: dict[str, Any] = {}
         self.done = threading.Event()
 
-    def run(self, read: _Read, deadline: float, what: str) -> None:
+    def run(self, read: _Read, what: str) -> None:
         try:
-            read(self.found, deadline)
+            read(self.found, self.deadline)
         except Exception as error:  # noqa: BLE001  (a scrape answers without what failed)
             logger.warning("Metrics: {} failed: {}", what, _first_line(error))
         finally:
@@ -288,33 +290,33 @@ class _Reading:
 
 
 class _Reader:
-    """Runs a read on a daemon thread, one at a time: a scrape that finds the previous scrape's
-    read still running (a database that hangs) starts none, so threads do not pile up, and a
-    read that hangs does not keep the process from exiting."""
+    """Runs a read on a daemon thread, one at a time. Scrapes that come together (two
+    Prometheus servers) share a run; a scrape that finds a run still going past its deadline
+    (a database that hangs) starts none, so threads do not pile up. Daemon: a read that hangs
+    does not keep the process from exiting."""
 
     def __init__(self, what: str, read: _Read) -> None:
         self.what = what
         self._read = read
         self._lock = threading.Lock()
-        self._thread: Optional[threading.Thread] = None
+        self._current: Optional[_Reading] = None
 
     def start(self, deadline: float) -> Optional[_Reading]:
-        """A new run, or None while the previous one runs."""
+        """A new run, or the one going on for another scrape; None when that one is late."""
         with self._lock:
-            if self._thread is not None and self._thread.is_alive():
-                return None
-            reading = _Reading()
-            self._thread = threading.Thread(
-                target=reading.run, args=(self._read, deadline, self.what), name=f"metrics: {self.what}", daemon=True
-            )
-            self._thread.start()
+            current = self._current
+            if current is not None and not current.done.is_set():
+                return current if time.monotonic() < current.deadline else None
+            self._current = reading = _Reading(deadline)
+            thread = threading.Thread(target=reading.run, args=(self._read, self.what), name=f"metrics: {self.what}", daemon=True)
+            thread.start()
         return reading
 
 
 def _wait(reader: _Reader, reading: Optional[_Reading], deadline: float, timeout_s: float) -> dict[str, Any]:
     """What `reading` found by `deadline` (a copy: it may go on)."""
     if reading is None:
-        logger.warning("Metrics: {} of an earlier scrape is still running", reader.what)
+        logger.warning("Metrics: {} of an earlier scrape is still running, past its time", reader.what)
         return {}
     if not reading.done.wait(max(0.0, deadline - time.monotonic())):
         logger.warning("Metrics: {} did not end within {} s", reader.what, timeout_s)

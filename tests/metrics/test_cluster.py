@@ -254,6 +254,35 @@ def test_the_broker_down_scrapes_as_down_with_the_store_up(store):
     assert {sample.labels["state"]: sample.value for sample in families["engine_jobs"].samples}["queued"] == 1
 
 
+def test_scrapes_that_come_together_share_the_reads(store):
+    # given a store whose ping takes a while, scraped by two Prometheus servers at once
+    pings: list[float] = []
+
+    class SlowToPing:
+        def ping(self) -> None:
+            pings.append(time.time())
+            time.sleep(0.5)
+            store.ping()
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+    slow = SlowToPing()
+    collector = ClusterCollector(store=lambda: slow, queue_depths=dict, dead_after_s=30, timeout_s=5)
+    answers: list[list[Any]] = []
+    scrapes = [threading.Thread(target=lambda: answers.append(list(collector.collect()))) for _ in range(2)]
+    for each in scrapes:
+        each.start()
+    for each in scrapes:
+        each.join()
+
+    # then both saw the store up, from one ping
+    assert len(pings) == 1 and len(answers) == 2
+    for families in answers:
+        [up] = [family for family in families if family.name == "engine_up"]
+        assert {sample.labels["component"]: sample.value for sample in up.samples} == {"store": 1, "broker": 1}
+
+
 def test_metrics_need_no_token_and_are_described(serve):
     client = serve(api_token="secret")
 
