@@ -44,21 +44,31 @@ _TEXT_FORMAT = (
 __all__ = ["JOB_FIELDS", "QUIET_LOGGERS", "json_line", "setup_logging"]
 
 
-def setup_logging(settings: Settings) -> None:
+def setup_logging(settings: Settings, *, client: bool = False) -> None:
     """Configure loguru for this process and route stdlib logging into it.
 
     Lines go to stderr, as JSON objects when ``ENGINE_LOG_JSON`` is set, else as text; the
     settings' secrets are masked from now on (`engine.redaction.remember_secrets`).
+
+    Parameters:
+      settings(Settings): ``ENGINE_LOG_JSON`` and ``ENGINE_LOG_LEVEL``, and the secrets.
+      client(bool): for a command that only talks to the engine (``engine submit``, ``status``):
+        it logs warnings and errors only, its output being what it prints.
     """
     redaction.remember_secrets(settings)
+    level = _at_least(settings.log_level, logging.WARNING if client else logging.NOTSET)
     logger.remove()
     format_line = _json_format if settings.log_json else _text_format
-    logger.add(sys.stderr, level=settings.log_level, format=format_line, backtrace=False, diagnose=False)
+    logger.add(sys.stderr, level=level, format=format_line, backtrace=False, diagnose=False)
     logger.configure(patcher=_patch)
-    logging.basicConfig(handlers=[_InterceptHandler()], level=settings.log_level, force=True)
-    quiet_level = max(logging.WARNING, logging.getLevelName(settings.log_level.upper()))
+    logging.basicConfig(handlers=[_InterceptHandler()], level=level, force=True)
     for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(quiet_level)
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
+
+
+def _at_least(level_name: str, floor: int) -> int:
+    """The number of loguru's level `level_name` (TRACE and SUCCESS are loguru's own), or `floor`."""
+    return max(floor, logger.level(level_name).no)
 
 
 def json_line(record: dict[str, Any]) -> str:
