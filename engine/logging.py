@@ -63,7 +63,7 @@ def setup_logging(settings: Settings, *, client: bool = False) -> None:
     logger.configure(patcher=_patch)
     logging.basicConfig(handlers=[_InterceptHandler()], level=level, force=True)
     for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(max(level, logging.WARNING))
+        logging.getLogger(name).setLevel(level if level <= logging.DEBUG else max(level, logging.WARNING))
 
 
 def _at_least(level_name: str, floor: int) -> int:

@@ -1,0 +1,142 @@
+"""engine.logging: JSON lines, the job's fields on every line logged during a job (the user's
+own loguru and stdlib lines too), and the stdlib loggers of Dramatiq, pika and APScheduler
+routed through loguru at sane levels.
+
+The job runs in a real ``engine worker`` on an embedded store, its output read from its log.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+import engine
+from engine import JobState
+from tests.support.processes import EngineProcess, point_engine_at, release_engine, run_process, wait_for_state
+
+#: What the job says, on two lines: a multi-line message is one JSON line still.
+SAID = "hello\nworld"
+
+
+@pytest.fixture
+def embedded_env(tmp_path, monkeypatch) -> Iterator[dict[str, str]]:
+    """ENGINE_ variables of an embedded engine in tmp_path, applied to this process too."""
+    env = {
+        "ENGINE_STORE_URL": f"sqlite:///{tmp_path}/engine.db",
+        "ENGINE_ACTOR_MODULES": "tests.support.actors",
+        "ENGINE_SHUTDOWN_TIMEOUT_S": "10",
+    }
+    point_engine_at(env, monkeypatch)
+    yield env
+    release_engine()
+
+
+@pytest.fixture
+def failed_job_output(embedded_env, tmp_path) -> Callable[..., tuple[str, str]]:
+    """Runs `chatty_failure` to its end in a worker with `env`; its id and the worker's output."""
+
+    def run(**env: str) -> tuple[str, str]:
+        worker = EngineProcess(["worker", "-p", "1", "-t", "1"], {**embedded_env, **env}, tmp_path / "worker.log")
+        try:
+            job = engine.submit("chatty_failure", SAID)
+            wait_for_state(job.id, {JobState.FAILED})
+        finally:
+            assert worker.stop() == 0, worker.output()
+        return job.id, worker.output()
+
+    return run
+
+
+def test_every_line_of_a_failing_job_is_one_json_object_with_the_job_s_fields(failed_job_output):
+    job_id, output = failed_job_output(ENGINE_LOG_JSON="1")
+
+    lines = [json.loads(line) for line in output.splitlines()]  # every line, or it raises
+    of_the_job = [line for line in lines if "job_id" in line]
+    assert of_the_job, output
+    for line in of_the_job:
+        assert (line["job_id"], line["actor"], line["queue"]) == (job_id, "chatty_failure", "default"), line
+        assert line["attempt"] in (1, 2), line
+    # The user's own lines, through loguru and the stdlib, and the failure with its traceback:
+    # once per attempt, each carrying its attempt's number.
+    for logger_name, level, message in [
+        ("tests.support.actors", "INFO", f"loguru says {SAID}"), ("tests.user", "WARNING", f"logging says {SAID}"),
+    ]:  # fmt: skip
+        said = [line["attempt"] for line in of_the_job if (line["logger"], line["level"], line["message"]) == (logger_name, level, message)]
+        assert said == [1, 2], lines
+    failures = [line for line in of_the_job if line["level"] == "ERROR" and "exception" in line]
+    assert [line["attempt"] for line in failures] == [1, 2], lines
+    assert all(f"ValueError: failed after saying {SAID}" in line["exception"] for line in failures)
+    assert all(line["exception"].startswith("Traceback (most recent call last):") for line in failures)
+    # Nothing about the job is logged without its fields.
+    unbound = [line for line in lines if "job_id" not in line and (job_id in json.dumps(line) or SAID in json.dumps(line))]
+    assert unbound == []
+
+
+def test_a_text_line_of_a_job_shows_its_actor_attempt_queue_and_id(failed_job_output):
+    job_id, output = failed_job_output()
+
+    lines = output.splitlines()
+    for attempt in (1, 2):
+        prefix = f"[chatty_failure#{attempt}@default {job_id}] "
+        for said in ("tests.support.actors - loguru says hello", "tests.user - logging says hello"):
+            assert sum(prefix + said in line for line in lines) == 1, output
+        assert sum(prefix + "dramatiq.worker.WorkerThread - Failed to process message" in line for line in lines) == 1
+    assert output.count("Traceback (most recent call last):") == 2
+    assert "│" not in output  # loguru's variable values, which could hold secrets, are not shown
+
+
+def log_in_a_new_process(code: str, tmp_path: Path, **env: str) -> list[str]:
+    """The stderr lines of `code`, run after `setup_logging` in a process of its own."""
+    setup = "from engine.logging import setup_logging; from engine.settings import Settings; setup_logging(Settings())\n"
+    done = run_process(
+        [sys.executable, "-c", setup + code], env={"PATH": "/usr/bin:/bin", **env}, cwd=tmp_path,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stderr.splitlines()
+
+
+def test_stdlib_loggers_go_through_loguru_and_pika_and_apscheduler_are_quiet_at_info(tmp_path):
+    code = (
+        "import logging\n"
+        "for name in ('dramatiq.worker', 'pika.connection', 'apscheduler.scheduler', 'myapp'):\n"
+        "    logging.getLogger(name).info('%s info', name)\n"
+        "    logging.getLogger(name).warning('%s warning', name)\n"
+    )
+    lines = [json.loads(line) for line in log_in_a_new_process(code, tmp_path, ENGINE_LOG_JSON="1")]
+
+    shown = {(line["logger"], line["level"]) for line in lines}
+    assert shown == {
+        ("dramatiq.worker", "INFO"), ("dramatiq.worker", "WARNING"), ("myapp", "INFO"), ("myapp", "WARNING"),
+        ("pika.connection", "WARNING"), ("apscheduler.scheduler", "WARNING"),
+    }  # fmt: skip
+    assert all(line["function"] == "<module>" and line["process"] > 0 for line in lines)
+
+
+def test_at_debug_pika_and_apscheduler_say_everything(tmp_path):
+    code = "import logging\nfor name in ('pika', 'apscheduler.executors.default'):\n    logging.getLogger(name).debug('%s debug', name)\n"
+    lines = log_in_a_new_process(code, tmp_path, ENGINE_LOG_JSON="1", ENGINE_LOG_LEVEL="debug")
+
+    assert [json.loads(line)["message"] for line in lines] == ["pika debug", "apscheduler.executors.default debug"]
+
+
+def test_a_json_line_is_flat_with_extras_and_a_masked_traceback(tmp_path):
+    code = (
+        "from loguru import logger\n"
+        "try:\n"
+        "    raise ConnectionError('lost amqp://engine:hunter22@rabbit/jobs\\nand more')\n"
+        "except ConnectionError:\n"
+        "    logger.bind(request_id='r1', level='not this one').exception('failed {}', 'here\\nand there')\n"
+    )
+    [line] = log_in_a_new_process(code, tmp_path, ENGINE_LOG_JSON="1")
+
+    record: dict[str, Any] = json.loads(line)
+    assert set(record) == {"time", "level", "message", "logger", "function", "line", "process", "thread", "exception", "request_id"}
+    assert record["time"].endswith("Z") and record["time"][10] == "T"
+    assert (record["level"], record["message"], record["request_id"]) == ("ERROR", "failed here\nand there", "r1")
+    assert record["exception"].endswith("ConnectionError: lost amqp://engine:***@rabbit/jobs\nand more")
+    assert "hunter22" not in line
