@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Iterator, Literal, Optional
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -140,6 +140,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
+
+    def __repr_args__(self) -> Iterator[tuple[Optional[str], Any]]:
+        """Pydantic's, URL passwords masked: a logged ``repr(settings)`` shows no secret (the API
+        token is a SecretStr already)."""
+        for name, value in super().__repr_args__():
+            yield name, mask_urls(value) if isinstance(value, str) else value
 
     @property
     def embedded(self) -> bool:
