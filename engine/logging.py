@@ -97,7 +97,7 @@ def json_line(record: dict[str, Any]) -> str:
         fields["exception"] = traceback_text
     for key, value in extra.items():
         fields.setdefault(key, value)
-    return json.dumps(fields, default=str, ensure_ascii=False)
+    return json.dumps(fields, default=str)
 
 
 def _json_format(record: dict[str, Any]) -> str:

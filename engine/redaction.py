@@ -9,7 +9,9 @@ Two kinds of secret are replaced by ``***``:
 
 `mask` does both to a text; `mask_record` is the loguru patcher that `engine.logging` installs,
 so that every log line's message and extras are masked, and `engine.logging` masks exception
-text with `mask` when it formats it. The CLI masks its error output with `mask` too.
+text with `mask` when it formats it. The CLI and the worker mask their error output with it,
+the store the errors and tracebacks of attempts it records (shown by the API and the CLI), and
+the settings their own error messages and ``repr``.
 """
 
 from __future__ import annotations
