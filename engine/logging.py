@@ -17,8 +17,10 @@ import inspect
 import json
 import logging
 import sys
+import threading
 import traceback
 from datetime import timezone
+from types import TracebackType
 from typing import Any, Optional
 
 from dramatiq.common import q_name
@@ -64,6 +66,9 @@ def setup_logging(settings: Settings, *, client: bool = False) -> None:
     logging.basicConfig(handlers=[_InterceptHandler()], level=level, force=True)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(level if level <= logging.DEBUG else max(level, logging.WARNING))
+    # Python prints an uncaught exception's traceback itself, unmasked and not as JSON.
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
 
 
 def _at_least(level_name: str, floor: int) -> int:
@@ -124,6 +129,22 @@ def _traceback(record: dict[str, Any]) -> str:
         return ""
     lines = traceback.format_exception(exception.type, exception.value, exception.traceback)
     return redaction.mask("".join(lines)).rstrip("\n")
+
+
+def _log_uncaught(kind: type[BaseException], error: BaseException, trace: Optional[TracebackType]) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, error, trace)
+        return
+    logger.opt(exception=(kind, error, trace)).critical("Uncaught {}: the process stops.", kind.__name__)
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit or args.exc_value is None:  # as Python's own hook does
+        return
+    where = args.thread.name if args.thread is not None else "a thread"
+    logger.opt(exception=(args.exc_type, args.exc_value, args.exc_traceback)).error(
+        "Uncaught {} in {}: the thread stops.", args.exc_type.__name__, where
+    )
 
 
 def _patch(record: dict[str, Any]) -> None:

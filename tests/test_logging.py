@@ -21,6 +21,9 @@ from tests.support.processes import EngineProcess, point_engine_at, release_engi
 #: What the job says, on two lines: a multi-line message is one JSON line still.
 SAID = "hello\nworld"
 
+#: The start of a process that logs as the engine's do.
+SETUP = "from engine.logging import setup_logging; from engine.settings import Settings; setup_logging(Settings())\n"
+
 
 @pytest.fixture
 def embedded_env(tmp_path, monkeypatch) -> Iterator[dict[str, str]]:
@@ -91,9 +94,8 @@ def test_a_text_line_of_a_job_shows_its_actor_attempt_queue_and_id(failed_job_ou
 
 def log_in_a_new_process(code: str, tmp_path: Path, **env: str) -> list[str]:
     """The stderr lines of `code`, run after `setup_logging` in a process of its own."""
-    setup = "from engine.logging import setup_logging; from engine.settings import Settings; setup_logging(Settings())\n"
     done = run_process(
-        [sys.executable, "-c", setup + code], env={"PATH": "/usr/bin:/bin", **env}, cwd=tmp_path,
+        [sys.executable, "-c", SETUP + code], env={"PATH": "/usr/bin:/bin", **env}, cwd=tmp_path,
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -140,3 +142,26 @@ def test_a_json_line_is_flat_with_extras_and_a_masked_traceback(tmp_path):
     assert (record["level"], record["message"], record["request_id"]) == ("ERROR", "failed here\nand there", "r1")
     assert record["exception"].endswith("ConnectionError: lost amqp://engine:***@rabbit/jobs\nand more")
     assert "hunter22" not in line
+
+
+def test_an_uncaught_exception_is_logged_masked_in_a_thread_and_in_the_main_one(tmp_path):
+    code = (
+        "import threading\n"
+        "def fail():\n"
+        "    raise ConnectionError('lost amqp://engine:hunter22@rabbit/jobs')\n"
+        "thread = threading.Thread(target=fail, name='sender')\n"
+        "thread.start(); thread.join()\n"
+        "fail()\n"
+    )
+    done = run_process(
+        [sys.executable, "-c", SETUP + code], env={"PATH": "/usr/bin:/bin", "ENGINE_LOG_JSON": "1"}, cwd=tmp_path,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+    assert done.returncode == 1
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [(line["level"], line["message"]) for line in lines] == [
+        ("ERROR", "Uncaught ConnectionError in sender: the thread stops."),
+        ("CRITICAL", "Uncaught ConnectionError: the process stops."),
+    ]
+    assert all(line["exception"].endswith("ConnectionError: lost amqp://engine:***@rabbit/jobs") for line in lines)
