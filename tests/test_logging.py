@@ -2,27 +2,51 @@
 own loguru and stdlib lines too), and the stdlib loggers of Dramatiq, pika and APScheduler
 routed through loguru at sane levels.
 
-The job runs in a real ``engine worker`` on an embedded store, its output read from its log.
+The job runs in a real worker on an embedded store, its output read from its log: one of
+``engine worker``, and one of Dramatiq's own CLI, ``dramatiq engine.actors``, which gets the
+same logging from importing `engine.actors`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import dramatiq
 import pytest
 
 import engine
 from engine import JobState
-from tests.support.processes import EngineProcess, point_engine_at, release_engine, run_process, wait_for_state
+from tests.support.processes import (
+    DRAMATIQ_COMMAND,
+    ENGINE_COMMAND,
+    EngineProcess,
+    point_engine_at,
+    release_engine,
+    run_process,
+    wait_for_state,
+)
 
-#: What the job says, on two lines: a multi-line message is one JSON line still.
-SAID = "hello\nworld"
+#: What the job says, on two lines (a multi-line message is one JSON line still), with a URL's
+#: password, which is masked in every line (`SHOWN`).
+SAID = "hello\nworld from amqp://engine:hunter22@rabbit/jobs"
+SHOWN = "hello\nworld from amqp://engine:***@rabbit/jobs"
 
 #: The start of a process that logs as the engine's do.
 SETUP = "from engine.logging import setup_logging; from engine.settings import Settings; setup_logging(Settings())\n"
+
+#: The two ways to start a worker: the command and its arguments.
+WORKERS = {
+    "engine worker": (ENGINE_COMMAND, ["worker", "-p", "1", "-t", "1"]),
+    "dramatiq engine.actors": (DRAMATIQ_COMMAND, ["engine.actors", "--processes", "1", "--threads", "2"]),
+}
+
+#: A line of the parent process of ``dramatiq``, in Dramatiq's format: that process never imports
+#: `engine.actors`, so nothing there sets up the engine's logging (see `engine.actors`).
+DRAMATIQ_PARENT_LINE = re.compile(r"\[[^]]+\] \[PID \d+\] \[MainThread\] \[dramatiq\.MainProcess\] \[INFO\] (.*)")
 
 
 @pytest.fixture
@@ -38,12 +62,14 @@ def embedded_env(tmp_path, monkeypatch) -> Iterator[dict[str, str]]:
     release_engine()
 
 
-@pytest.fixture
-def failed_job_output(embedded_env, tmp_path) -> Callable[..., tuple[str, str]]:
-    """Runs `chatty_failure` to its end in a worker with `env`; its id and the worker's output."""
+@pytest.fixture(params=sorted(WORKERS))
+def failed_job_output(request, embedded_env, tmp_path) -> Callable[..., tuple[str, str]]:
+    """Runs `chatty_failure` to its end in a worker (of each kind) with `env`; its id and the
+    worker's output."""
+    command, args = WORKERS[request.param]
 
     def run(**env: str) -> tuple[str, str]:
-        worker = EngineProcess(["worker", "-p", "1", "-t", "1"], {**embedded_env, **env}, tmp_path / "worker.log")
+        worker = EngineProcess(args, {**embedded_env, **env}, tmp_path / "worker.log", command=command)
         try:
             job = engine.submit("chatty_failure", SAID)
             wait_for_state(job.id, {JobState.FAILED})
@@ -54,10 +80,19 @@ def failed_job_output(embedded_env, tmp_path) -> Callable[..., tuple[str, str]]:
     return run
 
 
+def json_lines(output: str) -> list[dict[str, Any]]:
+    """Every line of a worker's output as JSON, or it raises; but the lines of the parent process
+    of ``dramatiq``, which must be just the two it logs at start and stop."""
+    of_dramatiq_parent = [found.group(1) for found in map(DRAMATIQ_PARENT_LINE.fullmatch, output.splitlines()) if found]
+    dramatiq_start_and_stop = [f"Dramatiq {dramatiq.__version__!r} is booting up.", "Sending signal 'SIGTERM' to subprocesses..."]
+    assert of_dramatiq_parent in ([], dramatiq_start_and_stop), output
+    return [json.loads(line) for line in output.splitlines() if not DRAMATIQ_PARENT_LINE.fullmatch(line)]
+
+
 def test_every_line_of_a_failing_job_is_one_json_object_with_the_job_s_fields(failed_job_output):
     job_id, output = failed_job_output(ENGINE_LOG_JSON="1")
 
-    lines = [json.loads(line) for line in output.splitlines()]  # every line, or it raises
+    lines = json_lines(output)
     of_the_job = [line for line in lines if "job_id" in line]
     assert of_the_job, output
     for line in of_the_job:
@@ -66,17 +101,18 @@ def test_every_line_of_a_failing_job_is_one_json_object_with_the_job_s_fields(fa
     # The user's own lines, through loguru and the stdlib, and the failure with its traceback:
     # once per attempt, each carrying its attempt's number.
     for logger_name, level, message in [
-        ("tests.support.actors", "INFO", f"loguru says {SAID}"), ("tests.user", "WARNING", f"logging says {SAID}"),
+        ("tests.support.actors", "INFO", f"loguru says {SHOWN}"), ("tests.user", "WARNING", f"logging says {SHOWN}"),
     ]:  # fmt: skip
         said = [line["attempt"] for line in of_the_job if (line["logger"], line["level"], line["message"]) == (logger_name, level, message)]
         assert said == [1, 2], lines
     failures = [line for line in of_the_job if line["level"] == "ERROR" and "exception" in line]
     assert [line["attempt"] for line in failures] == [1, 2], lines
-    assert all(f"ValueError: failed after saying {SAID}" in line["exception"] for line in failures)
+    assert all(f"ValueError: failed after saying {SHOWN}" in line["exception"] for line in failures)
     assert all(line["exception"].startswith("Traceback (most recent call last):") for line in failures)
-    # Nothing about the job is logged without its fields.
-    unbound = [line for line in lines if "job_id" not in line and (job_id in json.dumps(line) or SAID in json.dumps(line))]
+    # Nothing about the job is logged without its fields, and the password nowhere.
+    unbound = [line for line in lines if "job_id" not in line and (job_id in json.dumps(line) or "world from" in json.dumps(line))]
     assert unbound == []
+    assert "hunter22" not in output
 
 
 def test_a_text_line_of_a_job_shows_its_actor_attempt_queue_and_id(failed_job_output):
