@@ -10,6 +10,7 @@ same logging from importing `engine.actors`.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -46,7 +47,10 @@ WORKERS = {
 
 #: A line of the parent process of ``dramatiq``, in Dramatiq's format: that process never imports
 #: `engine.actors`, so nothing there sets up the engine's logging (see `engine.actors`).
-DRAMATIQ_PARENT_LINE = re.compile(r"\[[^]]+\] \[PID \d+\] \[MainThread\] \[dramatiq\.MainProcess\] \[INFO\] (.*)")
+DRAMATIQ_PARENT_LINE = re.compile(r"\[[^]]+\] \[PID \d+\] \[MainThread\] \[dramatiq\.MainProcess\] \[(\w+)\] (.*)")
+
+#: What that process logs when it starts.
+DRAMATIQ_STARTS = ("INFO", f"Dramatiq {dramatiq.__version__!r} is booting up.")
 
 
 @pytest.fixture
@@ -83,10 +87,21 @@ def failed_job_output(request, embedded_env, tmp_path) -> Callable[..., tuple[st
 def json_lines(output: str) -> list[dict[str, Any]]:
     """Every line of a worker's output as JSON, or it raises; but the lines of the parent process
     of ``dramatiq``, which must be just the two it logs at start and stop."""
-    of_dramatiq_parent = [found.group(1) for found in map(DRAMATIQ_PARENT_LINE.fullmatch, output.splitlines()) if found]
-    dramatiq_start_and_stop = [f"Dramatiq {dramatiq.__version__!r} is booting up.", "Sending signal 'SIGTERM' to subprocesses..."]
-    assert of_dramatiq_parent in ([], dramatiq_start_and_stop), output
-    return [json.loads(line) for line in output.splitlines() if not DRAMATIQ_PARENT_LINE.fullmatch(line)]
+    of_dramatiq_parent, others = split_dramatiq_parent(output)
+    assert of_dramatiq_parent in ([], [DRAMATIQ_STARTS, ("INFO", "Sending signal 'SIGTERM' to subprocesses...")]), output
+    return [json.loads(line) for line in others]
+
+
+def split_dramatiq_parent(output: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """The (level, message) of each line of the parent process of ``dramatiq``, and the other lines."""
+    parent, others = [], []
+    for line in output.splitlines():
+        found = DRAMATIQ_PARENT_LINE.fullmatch(line)
+        if found:
+            parent.append((found.group(1), found.group(2)))
+        else:
+            others.append(line)
+    return parent, others
 
 
 def test_every_line_of_a_failing_job_is_one_json_object_with_the_job_s_fields(failed_job_output):
@@ -126,6 +141,42 @@ def test_a_text_line_of_a_job_shows_its_actor_attempt_queue_and_id(failed_job_ou
         assert sum(prefix + "dramatiq.worker.WorkerThread - Failed to process message" in line for line in lines) == 1
     assert output.count("Traceback (most recent call last):") == 2
     assert "│" not in output  # loguru's variable values, which could hold secrets, are not shown
+
+
+def test_a_configuration_error_in_a_dramatiq_worker_is_one_masked_json_line_and_exit_code_2(embedded_env, tmp_path):
+    # A module that does not import, named like a URL with a password: its error quotes it.
+    named_like_a_url = "amqp://engine:hunter22@rabbit/jobs"
+    command, args = WORKERS["dramatiq engine.actors"]
+    env = {**embedded_env, "ENGINE_LOG_JSON": "1", "ENGINE_ACTOR_MODULES": named_like_a_url}
+    worker = EngineProcess(args, env, tmp_path / "worker.log", command=command)
+
+    assert worker.process.wait(timeout=60) == 2
+    worker.stop()  # closes its log
+    of_dramatiq_parent, others = split_dramatiq_parent(worker.output())
+    assert of_dramatiq_parent[0] == DRAMATIQ_STARTS
+    assert re.fullmatch(r"Worker with PID \d+ exited unexpectedly \(code 2\)\. Shutting down\.\.\.", of_dramatiq_parent[1][1])
+    [error] = [line for line in map(json.loads, others) if line["level"] == "CRITICAL"]
+    assert error["message"] == (
+        "dramatiq engine.actors: cannot import actor module 'amqp://engine:***@rabbit/jobs' (ENGINE_ACTOR_MODULES): "
+        "ModuleNotFoundError: No module named 'amqp://engine:***@rabbit/jobs'"
+    )
+    assert "hunter22" not in worker.output() and "Traceback" not in worker.output()
+
+
+def test_a_program_that_imports_engine_actors_keeps_its_own_logging(embedded_env, tmp_path):
+    code = (
+        "import logging\n"
+        "logging.basicConfig(format='app: %(name)s %(message)s')\n"
+        "import engine.actors\n"
+        "logging.getLogger('myapp').warning('sent')\n"
+    )
+    done = run_process(
+        [sys.executable, "-c", code], env={**os.environ, "ENGINE_LOG_JSON": "1"}, capture_output=True, text=True, timeout=60
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines()[-1] == "app: myapp sent"
+    assert not [line for line in done.stderr.splitlines() if line.startswith("{")]
 
 
 def log_in_a_new_process(code: str, tmp_path: Path, **env: str) -> list[str]:
