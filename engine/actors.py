@@ -9,9 +9,9 @@ place of Dramatiq's (`engine.logging.setup_logging`): loguru, JSON lines with ``
 the job's fields, secrets masked, at ``ENGINE_LOG_LEVEL`` (Dramatiq's ``--verbose`` and
 ``--skip-logging`` then apply to its parent process only). Such a process is known by its stderr:
 the CLI has made it the pipe to its parent process, which writes each line it receives whole,
-before importing this module. A configuration error there is one masked critical line and exit
-code ``EXIT_CONFIG`` (2), as with ``engine worker``, instead of the traceback `multiprocessing`
-would print. Anywhere else this module leaves logging alone: ``engine worker``, ``engine run``
+before importing this module. A configuration error or an unreachable store there is one masked
+critical line and exit code ``EXIT_CONFIG`` (2), as with ``engine worker``, instead of the
+traceback `multiprocessing` would print. Anywhere else this module leaves logging alone: ``engine worker``, ``engine run``
 and the other commands set it up themselves, and a program that imports this module to send
 jobs keeps its own.
 
@@ -28,9 +28,10 @@ import sys
 
 from dramatiq.compat import StreamablePipe
 from loguru import logger
+from sqlalchemy.exc import OperationalError
 
 from .app import get_broker
-from .errors import ConfigError
+from .errors import ConfigError, shown_message
 from .logging import setup_logging
 from .redaction import mask
 from .settings import get_settings
@@ -69,9 +70,9 @@ try:
         importlib.import_module(_module)
     for _module in get_settings().actor_modules:
         _import_actor_module(_module)
-except ConfigError as error:
+except (ConfigError, OperationalError) as error:
     if not _cli_worker:
         raise
     # Masked here too: when the settings themselves are broken, the engine's masking logger is not set up.
-    logger.critical("dramatiq engine.actors: {}", mask(str(error)))
+    logger.critical("dramatiq engine.actors: {}", mask(shown_message(error)))
     raise SystemExit(EXIT_CONFIG) from None

@@ -26,7 +26,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 from sqlalchemy.exc import OperationalError
 
-from .errors import EngineError
+from .errors import EngineError, shown_message
 from .job import JobState
 from .logging import setup_logging
 from .redaction import mask
@@ -63,8 +63,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         setup_logging(get_settings(), client=True)
         return args.command(args)
     except (EngineError, OperationalError) as error:
-        message = str(error).splitlines()[0] if isinstance(error, OperationalError) else str(error)
-        errors.print(f"[red]error:[/red] {escape(mask(message))}", highlight=False, soft_wrap=True)
+        errors.print(f"[red]error:[/red] {escape(mask(shown_message(error)))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -1,6 +1,6 @@
 """No password from the broker or store URL, and no API token, appears anywhere in a whole run's
-output: the logs of ``engine worker`` against RabbitMQ and PostgreSQL and of an embedded
-``engine run``, at DEBUG, and the CLI's output and errors.
+output: the logs of ``engine worker`` and ``dramatiq engine.actors`` against RabbitMQ and
+PostgreSQL and of an embedded ``engine run``, at DEBUG, and the CLI's output and errors.
 
 The secrets are random and distinctive, with characters that must be percent-encoded. The run
 makes them travel: a job is given the broker URL as its argument, logs it and fails with it;
@@ -25,7 +25,7 @@ from urllib.parse import quote
 import pytest
 
 from tests.integration.conftest import AMQP_HOST
-from tests.support.processes import EngineProcess, run_process, wait_for
+from tests.support.processes import DRAMATIQ_COMMAND, ENGINE_COMMAND, EngineProcess, run_process, wait_for
 
 #: Characters that a URL must percent-encode, so that both forms of a password are looked for.
 AWKWARD = ":@/%"
@@ -53,9 +53,9 @@ class Run:
         self.processes: list[EngineProcess] = []
         self.outputs: list[str] = []
 
-    def start(self, *args: str, **env: str) -> EngineProcess:
+    def start(self, *args: str, command: tuple[str, ...] = ENGINE_COMMAND, **env: str) -> EngineProcess:
         path = self.tmp_path / f"engine-{len(self.processes)}.log"
-        process = EngineProcess(list(args), {**self.env, **env}, path)
+        process = EngineProcess(list(args), {**self.env, **env}, path, command=command)
         self.processes.append(process)
         return process
 
@@ -94,11 +94,15 @@ def test_no_password_of_the_broker_or_store_url_appears_in_a_distributed_run(run
     store_url = pg_url.replace("postgresql://postgres@", f"postgresql://postgres:{quote(password, safe='')}@")
     run.env.update(ENGINE_BROKER_URL=broker_url, ENGINE_STORE_URL=store_url)
 
-    # A job that logs the broker URL and fails with it, in a worker that logs JSON, then in one
-    # that logs text.
+    # A job that logs the broker URL and fails with it, in a worker that logs JSON, in one that
+    # logs text, and in one of Dramatiq's own CLI that logs JSON.
     workers = []
-    for log_json in ("1", "0"):
-        workers.append(run.start("worker", "-p", "1", "-t", "1", ENGINE_LOG_JSON=log_json))
+    for command, args, log_json in [
+        (ENGINE_COMMAND, ["worker", "-p", "1", "-t", "1"], "1"),
+        (ENGINE_COMMAND, ["worker", "-p", "1", "-t", "1"], "0"),
+        (DRAMATIQ_COMMAND, ["engine.actors", "--processes", "1", "--threads", "2"], "1"),
+    ]:
+        workers.append(run.start(*args, command=command, ENGINE_LOG_JSON=log_json))
         submitted = run.command("submit", "chatty_failure", broker_url, "--wait")
         assert submitted.returncode == 1, submitted.stderr  # it failed, as it should
         workers[-1].stop()
@@ -107,6 +111,9 @@ def test_no_password_of_the_broker_or_store_url_appears_in_a_distributed_run(run
     closed_port = re.sub(r"@([^/:]+):\d+/", r"@\1:1/", store_url)
     no_vhost = broker_url.rsplit("/", 1)[0] + "/no-such-vhost"
     assert run.command("worker", "-p", "1", ENGINE_STORE_URL=closed_port).returncode == 2
+    unreachable = run.start("engine.actors", "--processes", "1", command=DRAMATIQ_COMMAND, ENGINE_STORE_URL=closed_port)
+    assert unreachable.process.wait(timeout=60) == 2
+    assert "dramatiq engine.actors: (psycopg.OperationalError) connection failed" in unreachable.output()
     assert run.command("submit", "echo", "1", ENGINE_STORE_URL=closed_port).returncode == 2
     assert run.command("submit", "echo", "1", ENGINE_BROKER_URL=no_vhost).returncode == 2
     assert run.command("status", "x", ENGINE_BROKER_URL=broker_url.replace("amqp://", "http://")).returncode == 2
@@ -119,6 +126,9 @@ def test_no_password_of_the_broker_or_store_url_appears_in_a_distributed_run(run
     assert all(f"says amqp://{user}:***@" in worker.output() for worker in workers)
     assert "got 'http://" + f"{user}:***@" in output
     assert [json.loads(line) for line in workers[0].output().splitlines()]
+    # Dramatiq's parent process logs its own lines in its own format (see engine.actors).
+    of_workers = [line for line in workers[2].output().splitlines() if "[dramatiq.MainProcess]" not in line]
+    assert [json.loads(line) for line in of_workers]
 
 
 def test_no_api_token_appears_in_an_embedded_run(run, tmp_path):
