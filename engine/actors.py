@@ -8,12 +8,13 @@ In a worker process of Dramatiq's CLI, and only there, it first sets up the engi
 place of Dramatiq's (`engine.logging.setup_logging`): loguru, JSON lines with ``ENGINE_LOG_JSON``,
 the job's fields, secrets masked, at ``ENGINE_LOG_LEVEL`` (Dramatiq's ``--verbose`` and
 ``--skip-logging`` then apply to its parent process only). Such a process is known by its stderr:
-the CLI has made it the pipe to its parent process, which writes each line it receives whole,
-before importing this module. A configuration error or an unreachable store there is one masked
-critical line and exit code ``EXIT_CONFIG`` (2), as with ``engine worker``, instead of the
-traceback `multiprocessing` would print. Anywhere else this module leaves logging alone: ``engine worker``, ``engine run``
-and the other commands set it up themselves, and a program that imports this module to send
-jobs keeps its own.
+before importing this module, the CLI has made it the pipe to its parent process, which writes
+each line it receives whole (loguru writes a line at a time). A configuration error or an
+unreachable store there is one masked critical line and exit code ``EXIT_CONFIG`` (2), as with
+``engine worker``, instead of the traceback `multiprocessing` would print.
+
+Anywhere else this module leaves logging alone: ``engine worker``, ``engine run`` and the other
+commands set it up themselves, and a program that imports this module to send jobs keeps its own.
 
 The lines of the CLI's parent process (``Dramatiq ... is booting up.``, ``Sending signal ...``,
 ``Worker with PID ... exited unexpectedly``) stay in Dramatiq's text format: that process never
