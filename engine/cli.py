@@ -26,8 +26,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 from sqlalchemy.exc import OperationalError
 
-from .errors import EngineError
+from .errors import EngineError, shown_message
 from .job import JobState
+from .logging import setup_logging
+from .redaction import mask
 from .settings import get_settings
 
 if TYPE_CHECKING:
@@ -57,10 +59,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
+        # Quiet and masked; the commands that run the engine set up its logging in full.
+        setup_logging(get_settings(), client=True)
         return args.command(args)
     except (EngineError, OperationalError) as error:
-        message = str(error).splitlines()[0] if isinstance(error, OperationalError) else str(error)
-        errors.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+        errors.print(f"[red]error:[/red] {escape(mask(shown_message(error)))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -83,7 +86,6 @@ def run(args: argparse.Namespace) -> int:
 
 def worker(args: argparse.Namespace, others: Sequence[ProcessKind] = ()) -> int:
     """Supervised worker processes; a dead one is restarted while the others keep working."""
-    from .logging import setup_logging
     from .supervisor import run_workers
 
     settings = get_settings()

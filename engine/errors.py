@@ -8,10 +8,18 @@ from __future__ import annotations
 
 from dramatiq.errors import ConnectionClosed
 from dramatiq.middleware import Interrupt, MiddlewareError
+from sqlalchemy.exc import OperationalError
 
 
 class EngineError(Exception):
     """Base class of every error the engine raises on purpose."""
+
+
+def shown_message(error: Exception) -> str:
+    """What a command shows of an error that stops it (before masking it): the whole message of
+    an `EngineError`, the first line of a database's `OperationalError` (the others are the
+    failed statement and a link to SQLAlchemy's documentation)."""
+    return str(error).splitlines()[0] if isinstance(error, OperationalError) else str(error)
 
 
 class JobCanceled(Interrupt):

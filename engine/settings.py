@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Iterator, Literal, Optional
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .errors import ConfigError
+from .redaction import mask_urls
 
 #: Retry defaults. Dramatiq's own (20 retries over up to 7 days) surprise users: a job that
 #: fails for a week before anyone sees it. Three retries after about 5 s, 10 s and 20 s (plus
@@ -55,8 +56,10 @@ class Settings(BaseSettings):
     output_dir: Path = Field(
         default=Path("engine-output"), description="where built-in actors write reports and thumbnails"
     )
-    log_json: bool = False
-    log_level: str = "INFO"
+    log_json: bool = Field(default=False, description="logs as one JSON object per line (see engine.logging)")
+    log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO", description="the least severe level logged; pika and APScheduler log WARNING and above unless DEBUG"
+    )
 
     max_retries: int = Field(default=DEFAULT_MAX_RETRIES, ge=0)
     min_backoff_ms: int = Field(default=DEFAULT_MIN_BACKOFF_MS, ge=1)
@@ -123,7 +126,7 @@ class Settings(BaseSettings):
             return None
         parts = urlsplit(value)
         if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-            raise ValueError(f"expected an amqp://user:password@host:port/vhost URL, got {value!r}")
+            raise ValueError(f"expected an amqp://user:password@host:port/vhost URL, got {mask_urls(value)!r}")
         return value
 
     @field_validator("store_url")
@@ -136,7 +139,12 @@ class Settings(BaseSettings):
             return "postgresql+psycopg://" + value.split("://", 1)[1]
         if scheme == "postgresql+psycopg":
             return value
-        raise ValueError(f"expected sqlite:///path/to/file.db or postgresql://user@host/db, got {value!r}")
+        raise ValueError(f"expected sqlite:///path/to/file.db or postgresql://user@host/db, got {mask_urls(value)!r}")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_case(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("actor_modules", mode="before")
     @classmethod
@@ -144,6 +152,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
+
+    def __repr_args__(self) -> Iterator[tuple[Optional[str], Any]]:
+        """Pydantic's, URL passwords masked: a logged ``repr(settings)`` shows no secret (the API
+        token is a SecretStr already)."""
+        for name, value in super().__repr_args__():
+            yield name, mask_urls(value) if isinstance(value, str) else value
 
     @property
     def embedded(self) -> bool:

@@ -29,6 +29,7 @@ from loguru import logger
 from .errors import ConfigError
 from .lifetime import die_with_parent
 from .logging import setup_logging
+from .redaction import mask
 from .settings import Settings, get_settings
 
 #: Exit code of a worker that cannot start as configured: a malformed setting, or an actor
@@ -140,9 +141,9 @@ def _pin_to(cpu: int) -> None:
 
 
 def config_error(name: str, message: str) -> int:
-    """Print `message` on one line after `name`, with no traceback, for the supervisor or the
-    user to read; returns `EXIT_CONFIG`."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    """Print `message` on one line after `name`, with no traceback and its secrets masked, for
+    the supervisor or the user to read; returns `EXIT_CONFIG`."""
+    lines = [line.strip() for line in mask(message).splitlines() if line.strip()]
     print(f"{name}: {' '.join(lines)}", file=sys.stderr, flush=True)
     return EXIT_CONFIG
 

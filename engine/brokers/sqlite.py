@@ -34,6 +34,7 @@ from sqlalchemy import Connection, Executable, Row, and_, case, delete, func, or
 from sqlalchemy.exc import OperationalError
 
 from ..notifiers import SocketDirectory, SocketListener, sidecar_directory
+from ..redaction import mask_urls
 from ..store import Store
 from ..store.schema import messages
 from ..tracked_broker import TrackedBroker
@@ -72,7 +73,7 @@ class SQLiteBroker(HookDispatch, TrackedBroker, Broker):
         super().__init__(middleware=middleware)
         wake_directory = sidecar_directory(store, "wake")
         if wake_directory is None:
-            raise ValueError(f"the SQLite broker needs a SQLite database file, not {store.url!r}")
+            raise ValueError(f"the SQLite broker needs a SQLite database file, not {mask_urls(store.url)!r}")
 
         self.logger = get_logger(__name__, type(self))
         self.store = store

@@ -11,6 +11,7 @@ from sqlalchemy import and_, delete, func, or_, select, update
 
 from ..errors import InvalidJobState, JobNotFound
 from ..job import RETRYABLE_STATES, Job, JobState
+from ..redaction import mask
 from .reads import Reads, finished_before, job_from_row
 from .schema import attempts, jobs, workers
 from .states import transition
@@ -164,7 +165,7 @@ class Commands(Reads):
             failed = connection.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id, jobs.c.state.in_([JobState.QUEUED, JobState.SCHEDULED]), jobs.c.attempts == 0)
-                .values(state=JobState.FAILED, last_error=reason, finished_at=now, updated_at=now)
+                .values(state=JobState.FAILED, last_error=mask(reason), finished_at=now, updated_at=now)
             )
         return failed.rowcount == 1
 

@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ..errors import DuplicateJob
 from ..job import JobState, Outcome
+from ..redaction import mask
 
 
 class AttemptStart(NamedTuple):
@@ -107,10 +108,12 @@ class AttemptEnd(NamedTuple):
         progress: Optional[tuple[float, Optional[str]]] = None,
     ) -> "AttemptEnd":
         percent, message = progress or (None, None)
+        # Shown by the API, the CLI and the status page: with no secret (engine.redaction).
+        traceback = mask(traceback) if traceback is not None else None
         if error is None:
             return cls(job_id, number, outcome, state, result, None, None, None, traceback, percent, message, *run)
         # PostgreSQL text holds no NUL, and an exception's message may.
-        error_type, error_message = type(error).__name__, str(error).replace("\0", "\ufffd")
+        error_type, error_message = type(error).__name__, mask(str(error)).replace("\0", "\ufffd")
         last_error = f"{error_type}: {error_message}"
         return cls(
             job_id, number, outcome, state, result, last_error, error_type, error_message, traceback, percent, message, *run

@@ -6,11 +6,13 @@ completes, so a test can count how many times a body really ran to the end.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
 
 from dramatiq.middleware import CurrentMessage
+from loguru import logger
 
 import engine
 
@@ -49,6 +51,15 @@ def _fail_first(failures: int) -> int:
         raise ConnectionError(f"attempt {attempt} failed")
     _record_completion()
     return attempt
+
+
+@engine.actor(max_retries=1, min_backoff=10, max_backoff=20)
+def chatty_failure(text: str):
+    """Logs `text` through loguru and through the standard library's logging, then fails; twice
+    (one retry)."""
+    logger.info("loguru says {}", text)
+    logging.getLogger("tests.user").warning("logging says %s", text)
+    raise ValueError(f"failed after saying {text}")
 
 
 @engine.actor(max_retries=5)

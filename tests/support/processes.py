@@ -36,18 +36,28 @@ def run_process(args: list[str], **run: Any) -> subprocess.CompletedProcess:
     return subprocess.run(args, preexec_fn=dying_with_this_process(), **run)
 
 
+#: How `EngineProcess` runs an ``engine`` command.
+ENGINE_COMMAND = (sys.executable, "-m", "engine.cli")
+
+#: Dramatiq's own CLI, as users may start workers: ``dramatiq engine.actors ...``.
+DRAMATIQ_COMMAND = (str(Path(sys.executable).with_name("dramatiq")),)
+
+
 class EngineProcess:
-    """An ``engine`` command running in its own session, its output kept in a log file.
+    """An ``engine`` command (or another `command`, such as `DRAMATIQ_COMMAND`) running in its
+    own session, its output kept in a log file.
 
     Its session lets a test signal its whole process group; it dies with the test process, and
     its workers with it.
     """
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str], log_path: Path, command: tuple[str, ...] = ENGINE_COMMAND
+    ) -> None:
         self.args, self.log_path = args, log_path
         self.log = open(log_path, "ab")
         self.process = start_process(
-            [sys.executable, "-m", "engine.cli", *args],
+            [*command, *args],
             env={**os.environ, **env},
             stdout=self.log,
             stderr=subprocess.STDOUT,
