@@ -13,6 +13,10 @@ each line it receives whole (loguru writes a line at a time). A configuration er
 unreachable store there is one masked critical line and exit code ``EXIT_CONFIG`` (2), as with
 ``engine worker``, instead of the traceback `multiprocessing` would print.
 
+Such a process is also bound to die with the CLI's parent process (`engine.lifetime`): Dramatiq
+does not stop its worker processes when the parent is SIGKILLed, and an orphaned one would go on
+consuming; its jobs are delivered again, as those of any dead worker.
+
 Anywhere else this module leaves logging alone: ``engine worker``, ``engine run`` and the other
 commands set it up themselves, and a program that imports this module to send jobs keeps its own.
 
@@ -25,6 +29,7 @@ before the import.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from dramatiq.compat import StreamablePipe
@@ -33,6 +38,7 @@ from sqlalchemy.exc import OperationalError
 
 from .app import get_broker
 from .errors import ConfigError, shown_message
+from .lifetime import die_with_parent
 from .logging import setup_logging
 from .redaction import mask
 from .settings import get_settings
@@ -63,6 +69,8 @@ def _in_dramatiq_cli_worker() -> bool:
 
 
 _cli_worker = _in_dramatiq_cli_worker()
+if _cli_worker and not die_with_parent(os.getppid()):
+    raise SystemExit(0)  # the CLI's parent died while this process started
 try:
     if _cli_worker:
         setup_logging(get_settings())

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from engine.lifetime import dying_with_this_process
-from tests.support.processes import start_process, wait_for
+from tests.support.processes import DRAMATIQ_COMMAND, start_process, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,3 +110,34 @@ def test_binding_a_child_outside_the_main_thread_is_refused():
     thread.join()
 
     assert len(errors) == 1 and "main thread" in str(errors[0])
+
+
+def test_a_dramatiq_cli_worker_dies_with_its_killed_parent(engine_env, tmp_path):
+    # given `dramatiq engine.actors` with its worker process ready
+    log_path = tmp_path / "dramatiq.log"
+    with open(log_path, "wb") as log:
+        dramatiq = start_process(
+            [*DRAMATIQ_COMMAND, "engine.actors", "--processes", "1", "--threads", "1"],
+            env=engine_env,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    workers: list[psutil.Process] = []
+    try:
+        wait_for(lambda: b"ready for action" in log_path.read_bytes(), 60, "the worker to be ready")
+        workers = psutil.Process(dramatiq.pid).children()
+        worker = workers[0]
+
+        # when the parent is killed, with no chance to stop its worker
+        dramatiq.send_signal(signal.SIGKILL)
+        dramatiq.wait(timeout=5)
+
+        # then the worker does not go on consuming as an orphan
+        wait_for(lambda: not alive(worker.pid), 10, "the worker to die")
+    finally:
+        dramatiq.kill()
+        dramatiq.wait()
+        for orphan in workers:  # what the binding failed to do
+            with suppress(psutil.NoSuchProcess):
+                orphan.kill()
