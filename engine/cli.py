@@ -108,8 +108,10 @@ def api(args: argparse.Namespace) -> int:
 
 
 def metrics_server(args: argparse.Namespace) -> int:
-    """/metrics of worker processes started by ``dramatiq engine.actors``: the sum of the files
-    they write to PROMETHEUS_MULTIPROC_DIR, on ENGINE_METRICS_HOST:ENGINE_METRICS_PORT."""
+    """Serve the metrics of `dramatiq engine.actors` workers (set PROMETHEUS_MULTIPROC_DIR).
+
+    The sum of the files they write to PROMETHEUS_MULTIPROC_DIR, on
+    ENGINE_METRICS_HOST:ENGINE_METRICS_PORT."""
     from .logging import setup_logging
     from .metrics.host import serve_directory
 
