@@ -177,12 +177,15 @@ def submit_over_http(api: str, actor: str, *args: Any) -> str:
 
 
 def run_every_kind_of_job(api: str) -> None:
-    """Jobs that succeed, fail, retry, time out and are canceled; waits until each has ended."""
+    """Jobs that succeed, fail, retry, time out and are canceled, and jobs that enqueue others
+    from a worker (what a worker host's engine_jobs_enqueued_total counts); waits until each
+    has ended."""
     succeeding = [submit_over_http(api, "echo", number) for number in range(5)]
-    retried = engine.submit("flaky", 1)
-    failing = engine.submit("hopeless")  # failed at once, its message dead-lettered
-    timing_out = engine.submit("busy_loop", 5)  # its time limit is 300 ms
-    long_running = engine.submit("cooperative", 100_000)
+    succeeding.append(engine.submit("fan_out", 5).id)
+    retried = engine.submit("flaky", 1).id.id
+    failing = engine.submit("hopeless").id  # failed at once, its message dead-lettered
+    timing_out = engine.submit("busy_loop", 5).id  # its time limit is 300 ms
+    long_running = engine.submit("cooperative", 100_000).id.id
     wait_for_state(long_running, {engine.JobState.RUNNING})
     engine.cancel(long_running)
     for job_id in (*succeeding, retried):
