@@ -182,10 +182,10 @@ def run_every_kind_of_job(api: str) -> None:
     has ended."""
     succeeding = [submit_over_http(api, "echo", number) for number in range(5)]
     succeeding.append(engine.submit("fan_out", 5).id)
-    retried = engine.submit("flaky", 1).id.id
+    retried = engine.submit("flaky", 1).id
     failing = engine.submit("hopeless").id  # failed at once, its message dead-lettered
     timing_out = engine.submit("busy_loop", 5).id  # its time limit is 300 ms
-    long_running = engine.submit("cooperative", 100_000).id.id
+    long_running = engine.submit("cooperative", 100_000).id
     wait_for_state(long_running, {engine.JobState.RUNNING})
     engine.cancel(long_running)
     for job_id in (*succeeding, retried):
