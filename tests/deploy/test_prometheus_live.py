@@ -22,6 +22,7 @@ import math
 import re
 import socket
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -34,7 +35,7 @@ import yaml
 import engine
 from tests.deploy.conftest import DEPLOY, alert_rules, dashboard_expressions, need_tool
 from tests.integration.conftest import amqp_vhost, engine_env, pg_url, start_engine  # noqa: F401  (fixtures)
-from tests.support.processes import start_process, wait_for, wait_for_state
+from tests.support.processes import run_process, start_process, wait_for, wait_for_state
 
 pytestmark = pytest.mark.integration
 
@@ -222,4 +223,22 @@ def test_every_query_of_the_dashboard_and_the_alerts_returns_data(running_engine
         prometheus.query(rule["expr"])  # parses and evaluates (firing or not)
     evaluated = {rule["name"]: rule for group in prometheus.api("rules")["groups"] for rule in group["rules"]}
     assert {name: rule["health"] for name, rule in evaluated.items()} == {rule["alert"]: "ok" for rule in alert_rules()}
+    assert scheduler.process.poll() is None, scheduler.output()[-3000:]
+
+
+def test_the_compose_health_checks_pass_against_a_running_engine(running_engine, start_engine, engine_env):
+    """Each engine service's health check of deploy/compose.yaml, run as Docker would, with this
+    test's ports (and the scheduler's pid in place of the container's PID 1)."""
+    scheduler = start_engine("scheduler")
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    replacements = {
+        "api": ("127.0.0.1:8080", running_engine["api"]),
+        "worker": ("127.0.0.1:9191", running_engine["worker"]),
+        "scheduler-1": ("/proc/1/", f"/proc/{scheduler.pid}/"),
+    }
+    for name, (theirs, ours) in replacements.items():
+        command, code = services[name]["healthcheck"]["test"][1:3], services[name]["healthcheck"]["test"][3]
+        assert command == ["python", "-c"] and theirs in code, name
+        done = run_process([sys.executable, "-c", code.replace(theirs, ours)], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, f"{name}: {done.stderr}"
     assert scheduler.process.poll() is None, scheduler.output()[-3000:]
