@@ -7,7 +7,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from tests.deploy.conftest import DEPLOY, read_yaml_documents
+from tests.deploy.conftest import DEPLOY, read_yaml, read_yaml_documents
 
 MANIFESTS = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
 #: The oldest Kubernetes release the manifests are checked against, and the newest known.
@@ -83,3 +83,10 @@ def test_every_pod_selected_by_its_deployment_and_labelled_for_prometheus():
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert deployment["spec"]["selector"]["matchLabels"] == labels
         assert labels["app.kubernetes.io/component"] == component  # what deploy/prometheus/kubernetes.yml keeps
+
+
+def test_schedulers_are_probed_as_compose_checks_them():
+    """The check that tests/deploy/test_prometheus_live.py runs against a live scheduler."""
+    compose = read_yaml(DEPLOY / "compose.yaml")["services"]["scheduler-1"]["healthcheck"]["test"]
+    probe = pod("scheduler")["spec"]["containers"][0]["livenessProbe"]["exec"]["command"]
+    assert probe == compose[1:]
