@@ -7,6 +7,7 @@ PATH. On a laptop without one, its tests are skipped; under CI (CI=true) they fa
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -47,8 +48,6 @@ def alert_rules() -> list[dict[str, Any]]:
 
 
 def dashboard() -> dict[str, Any]:
-    import json
-
     return json.loads((DEPLOY / "grafana" / "dashboards" / "engine.json").read_text())
 
 

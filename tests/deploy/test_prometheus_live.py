@@ -226,7 +226,7 @@ def test_every_query_of_the_dashboard_and_the_alerts_returns_data(running_engine
     assert scheduler.process.poll() is None, scheduler.output()[-3000:]
 
 
-def test_the_compose_health_checks_pass_against_a_running_engine(running_engine, start_engine, engine_env):
+def test_the_compose_health_checks_pass_against_a_running_engine(running_engine, start_engine):
     """Each engine service's health check of deploy/compose.yaml, run as Docker would, with this
     test's ports (and the scheduler's pid in place of the container's PID 1)."""
     scheduler = start_engine("scheduler")
