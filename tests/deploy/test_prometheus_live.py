@@ -144,9 +144,9 @@ def mode() -> str:
 
 
 @pytest.fixture
-def running_engine(engine_env, start_engine, tmp_path) -> Iterator[dict[str, str]]:
-    """`engine api`, `engine worker` and `engine scheduler` on the test's RabbitMQ vhost and
-    database; the ports of the API and of the worker host's metrics."""
+def running_engine(engine_env, start_engine) -> Iterator[dict[str, str]]:
+    """`engine api` and `engine worker` on the test's RabbitMQ vhost and database (a test
+    starts its schedulers); the addresses of the API and of the worker host's metrics."""
     ports = {"api": free_port(), "worker": free_port()}
     engine_env.update(
         ENGINE_API_PORT=str(ports["api"]), ENGINE_METRICS_PORT=str(ports["worker"]),
