@@ -105,6 +105,17 @@ def api(args: argparse.Namespace) -> int:
     return run_api(options)
 
 
+def metrics_server(args: argparse.Namespace) -> int:
+    """/metrics of worker processes started by ``dramatiq engine.actors``: the sum of the files
+    they write to PROMETHEUS_MULTIPROC_DIR, on ENGINE_METRICS_HOST:ENGINE_METRICS_PORT."""
+    from .logging import setup_logging
+    from .metrics.host import serve_directory
+
+    settings = get_settings()
+    setup_logging(settings)
+    return serve_directory(settings)
+
+
 def db_upgrade(args: argparse.Namespace) -> int:
     """Create or migrate the job store's schema."""
     from .store import migrations
@@ -331,6 +342,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = command("api", api)
     sub.add_argument("--host", help="address to bind (ENGINE_API_HOST, default 127.0.0.1)")
     sub.add_argument("--port", type=int, help="port (ENGINE_API_PORT, default 8080)")
+
+    command("metrics-server", metrics_server)
 
     db = commands.add_parser("db", help="manage the job store's schema")
     db_commands = db.add_subparsers(required=True, metavar="ACTION")

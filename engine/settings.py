@@ -76,6 +76,15 @@ class Settings(BaseSettings):
         default=True,
         description="run worker processes' threads under Linux's SCHED_BATCH policy (see engine.middleware.scheduling)",
     )
+    metrics_host: str = Field(
+        default="127.0.0.1", description="where a worker host serves /metrics; 0.0.0.0 for every interface"
+    )
+    metrics_port: Optional[int] = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="port of a worker host's /metrics (engine worker, engine run, engine metrics-server); unset: none; 0: any free port",
+    )
 
     heartbeat_interval_s: float = Field(default=2.0, gt=0, description="how often a worker process says it lives")
     worker_dead_after_s: float = Field(

@@ -16,6 +16,9 @@ help: the supervisor stops the others and returns that code.
 The supervisor also records a worker's death in the store as soon as it reaps it, so that jobs
 the worker was running are taken over at once instead of after its heartbeat goes stale.
 
+With ``ENGINE_METRICS_PORT`` set, it serves the metrics of its processes, summed, and the count
+of its restarts, from a thread of its own (`engine.metrics.host.HostMetrics`).
+
 Workers are bound to the supervisor: on Linux the kernel kills them when it dies, even by
 SIGKILL. The binding is to the thread that started them, so `Supervisor.run` must stay in the
 main thread for as long as its workers live (signal handlers need the main thread anyway).
@@ -37,6 +40,7 @@ from typing import Iterator, Optional, Sequence
 from loguru import logger
 from sqlalchemy.exc import SQLAlchemyError
 
+from .metrics.host import HostMetrics
 from .settings import Settings
 from .store import Store
 from .worker import EXIT_CONFIG
@@ -181,6 +185,7 @@ class Supervisor:
         self.host = socket.gethostname()
         self.exit_code = 0
         self.stop_requests = 0
+        self.metrics: Optional[HostMetrics] = None
         self._wakeup, self._wakeup_writer = socket.socketpair()
         self._wakeup_writer.setblocking(False)
 
@@ -194,6 +199,8 @@ class Supervisor:
         """
         # Once here, rather than raced by every worker's first connection to a new store.
         self.store.upgrade()
+        if self.settings.metrics_port is not None:
+            self.metrics = HostMetrics(self.settings)
         with self._signal_handlers():
             try:
                 while not self.stop_requests and not self.exit_code:
@@ -204,6 +211,8 @@ class Supervisor:
             finally:
                 self._kill_workers()
                 self.store.close()
+                if self.metrics is not None:
+                    self.metrics.close()
         return self.exit_code
 
     def stop(self) -> None:
@@ -224,7 +233,10 @@ class Supervisor:
         if self.cpus and slot.kind == "worker":
             command += ["--cpu", str(self.cpus[slot.index % len(self.cpus)])]
         restarted = slot.started_at > 0
-        slot.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, pass_fds=slot.pass_fds)
+        env = self.metrics.child_env() if self.metrics is not None else None
+        slot.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, pass_fds=slot.pass_fds, env=env)
+        if restarted and self.metrics is not None:
+            self.metrics.process_restarted()
         slot.started_at, slot.start_at = time.monotonic(), None
         verb = "Restarted" if restarted else "Started"
         logger.info("{} {} {} (pid {}).", verb, slot.kind, slot.index, slot.process.pid)
@@ -247,6 +259,8 @@ class Supervisor:
             logger.log(level, "{} {} (pid {}) {} after {:.1f} s.", slot.kind.capitalize(), slot.index, process.pid, how, uptime)
             slot.process = None
             self._record_death(process.pid)
+            if self.metrics is not None:
+                self.metrics.process_died(process.pid)
             if code == EXIT_CONFIG:
                 logger.error("{} {} cannot start as configured; stopping the others.", slot.kind.capitalize(), slot.index)
                 self.exit_code = EXIT_CONFIG

@@ -15,6 +15,9 @@ The path of a job through this middleware:
   message is acknowledged. It runs after Retries has decided (this middleware sits before
   Retries in the list, and Dramatiq calls ``after_*`` hooks in reverse), so a failed message is
   known to be final or to have been re-enqueued.
+
+At each of these points Tracking hands what it decided (a job sent, an attempt started, taken
+over from a dead worker, or ended with its outcome) to `engine.metrics.process`, one call each.
 """
 
 from __future__ import annotations
@@ -38,15 +41,17 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import ArgumentsNotSerializable, JobCanceled, ResultNotSerializable, ResultTooLarge, TrackingError
 from ..job import JobState, Outcome
+from ..metrics import process as metrics
 from ..store import AttemptEnd, AttemptRun, EnqueueRecord, StartRequest, Store
 from ..tracked_broker import TrackedBroker, row_writes_collected
+from ..writer import Pending
 from .heartbeat import Heartbeat
 
 #: Marks a message sent only to look at a running job again later: it records no new job.
 RECHECK_OPTION = "engine_recheck"
 
 #: Message options that describe one delivery, not the job: not kept for a later requeue.
-_TRANSIENT_OPTIONS = frozenset({"eta", "retries", "traceback", "requeue_timestamp", RECHECK_OPTION})
+_TRANSIENT_OPTIONS = frozenset({"eta", "retries", "traceback", "requeue_timestamp", RECHECK_OPTION, metrics.DUE_OPTION})
 
 #: How long a stopping worker waits for its last store writes while the database is down.
 SHUTDOWN_FLUSH_S = 10.0
@@ -131,21 +136,29 @@ class Tracking(Middleware):
         logging.getLogger("dramatiq.worker.WorkerThread").addFilter(_ResultsAreStored())
 
     def before_enqueue(self, broker: Broker, message: Message, delay: Optional[int]) -> None:
+        first_send = metrics.mark_due(message, delay)
         if message.options.get(RECHECK_OPTION):
-            return  # the job's row exists and is `running`: nothing to record
+            # The job's row exists and is `running`: nothing to record. Unless this is its
+            # first send: a scheduler's fire, whose row the scheduler recorded.
+            if first_send:
+                metrics.job_enqueued(message)
+            return
         row, delayed = self.enqueue_record(message, delay)
+        recorded: Optional[Pending[None]] = None
         if self.store.in_transaction():
             # The embedded broker's enqueue: the row is committed with the message, or neither is.
             self._record_now(lambda: self.store.record_enqueue(row, delayed=delayed), message)
-            return
-        row_writes = row_writes_collected()
-        # Committed with the rows of the process's other sends; a row its sender does not wait
-        # for waits out a database outage instead of failing.
-        recorded = self.store.enqueue_later(row, delayed=delayed, wait_out_outage=row_writes is not None)
-        if row_writes is not None:
-            row_writes.append(recorded)  # the broker sends the message once its row is committed
         else:
-            self._record_now(recorded.result, message)
+            row_writes = row_writes_collected()
+            # Committed with the rows of the process's other sends; a row its sender does not
+            # wait for waits out a database outage instead of failing.
+            recorded = self.store.enqueue_later(row, delayed=delayed, wait_out_outage=row_writes is not None)
+            if row_writes is not None:
+                row_writes.append(recorded)  # the broker sends the message once its row is committed
+            else:
+                self._record_now(recorded.result, message)
+        if first_send:
+            metrics.job_enqueued(message, recorded)
 
     def enqueue_record(self, message: Message, delay: Optional[int]) -> EnqueueRecord:
         """The job row `before_enqueue` writes for `message`, for a caller that records many
@@ -203,6 +216,9 @@ class Tracking(Middleware):
         # From here on this message is the job's own: a retry of it must be recorded as one.
         message.options.pop(RECHECK_OPTION, None)
         assert start.started_at is not None  # a start that runs the job has its time
+        if start.took_over:
+            metrics.attempt_abandoned(message)
+        metrics.attempt_started(message, start.started_at)
         run = request.run(start.started_at)
         current_attempt.set(
             RunningAttempt(message.message_id, start.number, self.store, run, self.progress_interval_s, start.cancel_requested)
@@ -263,6 +279,7 @@ class Tracking(Middleware):
             attempt.job_id, attempt.number, outcome, run=attempt.run, progress=attempt.pending_progress, **fields
         )
         recorded = self.store.end(end)
+        metrics.attempt_ended(message, outcome, attempt.run.started_at, recorded)
         # With a broker that settles the message once its end is recorded, the thread goes on
         # to its next job, so that this end and the next job's start are committed together.
         if not (isinstance(broker, TrackedBroker) and broker.settle_when_recorded(message, recorded)):

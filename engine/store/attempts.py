@@ -179,7 +179,8 @@ class AttemptWrites:
             return AttemptStart(None, running_elsewhere=True)
         abandoned = AttemptEnd.of(request.job_id, found.attempts, Outcome.ABANDONED, run=run_of(found))
         connection.execute(self._insert_abandoned, abandoned.attempt_row(now))
-        return AttemptStart(number, cancel_requested=found.cancel_requested_at is not None, started_at=now)
+        cancel_requested = found.cancel_requested_at is not None
+        return AttemptStart(number, cancel_requested=cancel_requested, started_at=now, took_over=True)
 
     def finish_attempts(self, connection: Connection, ends: list[AttemptEnd]) -> list[None]:
         """Write the rows of ended attempts, in `connection`'s transaction, one executemany

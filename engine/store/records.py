@@ -26,6 +26,8 @@ class AttemptStart(NamedTuple):
       undecided(bool): the writer's one statement on PostgreSQL (`Dialect.record_attempts`)
         found the job not queued, or ending in the same batch: `Dialect.start_attempts` decides.
       started_at(float): the start's time as the job's row has it, for the attempt's row.
+      took_over(bool): the job was running under a dead worker: this start closed that
+        attempt as `abandoned` (counted by `engine.metrics.process`).
     """
 
     number: Optional[int]
@@ -33,6 +35,7 @@ class AttemptStart(NamedTuple):
     cancel_requested: bool = False
     undecided: bool = False
     started_at: Optional[float] = None  # when the job runs now: the start as committed
+    took_over: bool = False
 
 
 class StartRequest(NamedTuple):

@@ -76,7 +76,7 @@ def test_a_job_whose_worker_went_silent_is_run_again_and_its_attempt_abandoned(s
     with store.transaction() as connection:
         connection.execute(update(workers).values(heartbeat_at=time.time() - DEAD_AFTER_S - 1))
 
-    assert start(store, job, "w2", pid=2) == AttemptStart(2)
+    assert start(store, job, "w2", pid=2) == AttemptStart(2, took_over=True)
     first, second = store.list_attempts(job)
     assert (first.outcome, first.worker_pid) == (Outcome.ABANDONED, 1)  # with the worker that held it
     assert second.outcome is None and second.worker_pid == 2
@@ -87,7 +87,7 @@ def test_a_job_whose_worker_the_supervisor_saw_die_is_run_again_at_once(store, j
     start(store, job, "w1")
     store.mark_workers_stopped(host="h", pid=1)
 
-    assert start(store, job, "w2", pid=2) == AttemptStart(2)
+    assert start(store, job, "w2", pid=2) == AttemptStart(2, took_over=True)
 
 
 def test_two_deliveries_racing_to_take_over_an_abandoned_job_run_it_once(store, job):
@@ -97,7 +97,7 @@ def test_two_deliveries_racing_to_take_over_an_abandoned_job_run_it_once(store, 
     start(store, job, "w1")
     store.mark_workers_stopped(worker_id="w1")
 
-    assert start(store, job, "w2", pid=2) == AttemptStart(2)
+    assert start(store, job, "w2", pid=2) == AttemptStart(2, took_over=True)
     assert start(store, job, "w3", pid=3) == AttemptStart(None, running_elsewhere=True)  # w2 holds it now, alive
     assert [a.outcome for a in store.list_attempts(job)] == [Outcome.ABANDONED, None]
 
@@ -162,7 +162,7 @@ def test_a_success_after_its_attempt_was_taken_for_abandoned_completes_that_atte
     first = store.start(request)
     store.mark_workers_stopped(worker_id="w1")
     store.heartbeat("w2", host="h", pid=2)
-    assert start(store, job, "w2", pid=2) == AttemptStart(2)
+    assert start(store, job, "w2", pid=2) == AttemptStart(2, took_over=True)
 
     # when the first worker, alive after all, ends attempt 1 successfully
     end = AttemptEnd.of(job, 1, Outcome.SUCCEEDED, run=request.run(first.started_at), state=JobState.SUCCEEDED)
