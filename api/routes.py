@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Optional
 
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from sqlalchemy.exc import DBAPIError
 
 import engine
@@ -16,6 +17,7 @@ from engine import client
 from engine.app import get_broker, get_store
 from engine.errors import EngineError
 from engine.job import JobState
+from engine.metrics.cluster import ClusterCollector
 from engine.settings import Settings
 from engine.store import decode_cursor
 from scheduler.definition import ScheduleNotFound
@@ -26,9 +28,13 @@ from .routing import RETRY_AFTER_S, ApiError, Reply, Request, Route, first_line
 #: Workers heard from within this many seconds are listed, dead or alive.
 WORKERS_RECENT_S = 3600.0
 
+#: Prometheus' text format; the server appends the charset.
+METRICS_MEDIA_TYPE = CONTENT_TYPE_PLAIN_0_0_4.removesuffix("; charset=utf-8")
+
 
 class Endpoints:
-    """The handlers, with the settings some of them read (retry defaults, worker liveness).
+    """The handlers, with the settings some of them read (retry defaults, worker liveness), and
+    the cluster's metrics (`engine.metrics.cluster`).
 
     Parameters:
       settings(Settings): the engine's settings.
@@ -40,6 +46,10 @@ class Endpoints:
         self.settings = settings
         self._page = page
         self._openapi = openapi
+        self._metrics = ClusterCollector(
+            store=get_store, queue_depths=client.queue_depths,
+            dead_after_s=settings.worker_dead_after_s, timeout_s=settings.metrics_scrape_timeout_s,
+        )  # fmt: skip
 
     def routes(self) -> list[Route]:
         """Every operation of the API, as the router and the OpenAPI description see them."""
@@ -78,6 +88,8 @@ class Endpoints:
                   m.Preview, query=m.PreviewQuery, tag="schedules"),
             Route("GET", "/healthz", self.health, "Liveness", m.Health, tag="health"),
             Route("GET", "/readyz", self.ready, "Readiness: the store and the broker answer", m.Readiness, tag="health"),
+            Route("GET", "/metrics", self.metrics, "The cluster's metrics, for Prometheus", None,
+                  media_type=METRICS_MEDIA_TYPE, tag="health"),
             Route("GET", "/openapi.json", self.openapi, "This description", m.OpenApiDocument, tag="health"),
             Route("GET", "/", self.page, "The status page", None, media_type="text/html", tag="page"),
         ]  # fmt: skip
@@ -240,6 +252,11 @@ class Endpoints:
         except Exception as error:  # noqa: BLE001
             raise ApiError(503, "broker_unavailable", f"the broker cannot be reached: {first_line(error)}", headers=unavailable) from None
         return m.Readiness()
+
+    def metrics(self, request: Request) -> Reply:
+        """Read at each scrape; never an error: what the store or broker did not answer is
+        left out, with ``engine_up`` 0 (see `engine.metrics.cluster`)."""
+        return Reply(generate_latest(self._metrics))
 
     def openapi(self, request: Request) -> Reply:
         return Reply(m.OpenApiDocument.model_validate(self._openapi()))

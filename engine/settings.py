@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     api_max_connections: int = Field(
         default=256, ge=1, description="open connections the API serves at once (a thread each); more are refused"
     )
+    metrics_scrape_timeout_s: float = Field(
+        default=3.0, gt=0, description="GET /metrics waits this long at most for the store and the broker"
+    )
     actor_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
     schedules_file: Optional[Path] = Field(default=None, description="TOML file of cron schedules, applied at start")
     retention_days: float = Field(

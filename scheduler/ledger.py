@@ -76,6 +76,26 @@ class Claim(NamedTuple):
     job_id: Optional[str] = None
 
 
+class FireCount(NamedTuple):
+    """How many fire times of one schedule have one outcome in the ledger, and the latest."""
+
+    count: int
+    latest: float
+
+
+class FireCounts(NamedTuple):
+    """The ledger's rows after a row, counted (`Ledger.count_fires`).
+
+    Attributes:
+      settled_id: the id up to which the rows are settled: no row of a lower id will appear.
+      settled, recent: the counts up to `settled_id`, and after it, by (schedule, outcome).
+    """
+
+    settled_id: int
+    settled: dict[tuple[str, FireOutcome], FireCount]
+    recent: dict[tuple[str, FireOutcome], FireCount]
+
+
 @dataclass(frozen=True)
 class Fire:
     """One row of the fire ledger."""
@@ -250,6 +270,32 @@ class Ledger:
         query = select(schedule_fires.c.schedule, func.max(schedule_fires.c.fire_time)).group_by(schedule_fires.c.schedule)
         with self.store.reading() as connection:
             return dict(connection.execute(query).all())
+
+    def count_fires(self, *, after_id: int, settled_before: float) -> FireCounts:
+        """The ledger's rows after row `after_id`, counted by schedule and outcome, with the
+        latest fire time of each: what `engine.metrics.cluster` adds up scrape after scrape,
+        reading only the rows added since. Two queries on a range of the primary key.
+
+        Rows are settled up to the latest recorded before `settled_before`: a transaction
+        that could still commit a row of a lower id (ids are taken at insert, not at commit)
+        would have been open since, far longer than a claim's. The rows after it are recent:
+        counted again next time.
+        """
+        newer = schedule_fires.c.id > after_id
+        latest_settled = select(func.max(schedule_fires.c.id)).where(newer, schedule_fires.c.recorded_at < settled_before)
+        with self.store.reading() as connection:
+            settled_id = connection.execute(latest_settled).scalar() or after_id
+            settled = (schedule_fires.c.id <= settled_id).label("settled")
+            query = (
+                select(settled, schedule_fires.c.schedule, schedule_fires.c.outcome, func.count(), func.max(schedule_fires.c.fire_time))
+                .where(newer)
+                .group_by(settled, schedule_fires.c.schedule, schedule_fires.c.outcome)
+            )
+            rows = connection.execute(query).all()
+        counts: dict[bool, dict[tuple[str, FireOutcome], FireCount]] = {True: {}, False: {}}
+        for is_settled, name, outcome, count, latest in rows:
+            counts[bool(is_settled)][name, FireOutcome(outcome)] = FireCount(count, latest)
+        return FireCounts(settled_id, counts[True], counts[False])
 
     def fires(self, name: str, *, limit: int = 20) -> list[Fire]:
         """The schedule's latest fires, newest first."""

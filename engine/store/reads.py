@@ -123,6 +123,27 @@ class Reads(Database):
             counts = dict(connection.execute(query).all())
         return {state: counts.get(state, 0) for state in JobState}
 
+    def oldest_waiting_by_queue(self, *, now: float) -> dict[str, float]:
+        """Since when (seconds since the epoch) the longest-waiting job of each queue has been
+        due and not started, for the queues that have one:
+
+        - a `queued` job since it was queued: its ``updated_at``, which nothing else changes
+          while it is queued but the resend's claim (`claim_unsent`), which sends it again;
+        - a `scheduled` job (a delay, a retry's backoff) since its due time, once past: the
+          brokers start such a job without moving it to `queued`.
+
+        One query, through ``ix_jobs_state_created``: it reads every queued and scheduled job.
+        """
+        waiting = (jobs.c.state == JobState.QUEUED) | (jobs.c.scheduled_for <= now)
+        since = case((jobs.c.state == JobState.QUEUED, jobs.c.updated_at), else_=jobs.c.scheduled_for)
+        query = (
+            select(jobs.c.queue, func.min(since))
+            .where(jobs.c.state.in_([JobState.QUEUED, JobState.SCHEDULED]), waiting)
+            .group_by(jobs.c.queue)
+        )
+        with self.reading() as connection:
+            return dict(connection.execute(query).all())
+
     def list_workers(self, *, seen_since: float) -> list[Worker]:
         """Worker processes whose last heartbeat is at or after `seen_since`, live or not,
         newest start first, each with the jobs it is running."""
