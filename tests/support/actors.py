@@ -137,3 +137,10 @@ def flaky_at_once(failures: int):
 def flaky_within_a_millisecond(failures: int):
     """Fails its first `failures` attempts; a backoff of at most 1 ms rounds down to none."""
     return _fail_first(failures)
+
+
+@engine.actor
+def fan_out(count: int):
+    """Sends `count` echo jobs: jobs enqueued from inside a worker process."""
+    for number in range(count):
+        echo.send(number)
