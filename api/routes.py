@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Optional
 
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.exposition import generate_latest
 from sqlalchemy.exc import DBAPIError
 
 import engine
@@ -18,6 +18,7 @@ from engine.app import get_broker, get_store
 from engine.errors import EngineError
 from engine.job import JobState
 from engine.metrics.cluster import ClusterCollector
+from engine.metrics.host import EXPOSITION_MEDIA_TYPE, own_metrics, registry_of
 from engine.settings import Settings
 from engine.store import decode_cursor
 from scheduler.definition import ScheduleNotFound
@@ -27,10 +28,6 @@ from .routing import RETRY_AFTER_S, ApiError, Reply, Request, Route, first_line
 
 #: Workers heard from within this many seconds are listed, dead or alive.
 WORKERS_RECENT_S = 3600.0
-
-#: Prometheus' text format; the server appends the charset.
-METRICS_MEDIA_TYPE = CONTENT_TYPE_PLAIN_0_0_4.removesuffix("; charset=utf-8")
-
 
 class Endpoints:
     """The handlers, with the settings some of them read (retry defaults, worker liveness), and
@@ -46,10 +43,13 @@ class Endpoints:
         self.settings = settings
         self._page = page
         self._openapi = openapi
-        self._metrics = ClusterCollector(
+        cluster = ClusterCollector(
             store=get_store, queue_depths=client.queue_depths,
             dead_after_s=settings.worker_dead_after_s, timeout_s=settings.metrics_scrape_timeout_s,
         )  # fmt: skip
+        # Alone (`engine api`), the jobs this process enqueued are served here; under `engine
+        # run`, by the host's supervisor.
+        self._metrics = registry_of(cluster, *own_metrics())
 
     def routes(self) -> list[Route]:
         """Every operation of the API, as the router and the OpenAPI description see them."""
@@ -89,7 +89,7 @@ class Endpoints:
             Route("GET", "/healthz", self.health, "Liveness", m.Health, tag="health"),
             Route("GET", "/readyz", self.ready, "Readiness: the store and the broker answer", m.Readiness, tag="health"),
             Route("GET", "/metrics", self.metrics, "The cluster's metrics, for Prometheus", None,
-                  media_type=METRICS_MEDIA_TYPE, tag="health"),
+                  media_type=EXPOSITION_MEDIA_TYPE, tag="health"),
             Route("GET", "/openapi.json", self.openapi, "This description", m.OpenApiDocument, tag="health"),
             Route("GET", "/", self.page, "The status page", None, media_type="text/html", tag="page"),
         ]  # fmt: skip

@@ -24,10 +24,10 @@ import socket
 import tempfile
 import threading
 from contextlib import suppress
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 from loguru import logger
-from prometheus_client import CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
@@ -115,6 +115,13 @@ class RestartCounter:
         )
 
 
+def own_metrics() -> list[object]:
+    """This process's own metrics (`engine.metrics.process`, in its default registry), to serve
+    when no supervisor sums them: none under a supervisor, whose directory holds them instead,
+    so that nothing is counted twice."""
+    return [] if MULTIPROC_DIR_VARIABLE in os.environ else [REGISTRY]
+
+
 def registry_of(*collectors: object) -> CollectorRegistry:
     """A registry of exactly `collectors`."""
     registry = CollectorRegistry(auto_describe=False)
@@ -198,6 +205,19 @@ class HostMetrics:
     def close(self) -> None:
         self.server.close()
         self.directory.remove()
+
+
+def serve_own_metrics(settings: Settings) -> Optional[MetricsServer]:
+    """For a process that no supervisor started (``engine scheduler`` on a host of its own):
+    its own metrics (the jobs it enqueued) on ENGINE_METRICS_PORT, when that is set.
+
+    Raises:
+      ConfigError: the metrics' address cannot be bound.
+    """
+    collectors = own_metrics()
+    if settings.metrics_port is None or not collectors:
+        return None
+    return MetricsServer(settings, registry_of(*collectors)).start()
 
 
 def serve_directory(settings: Settings) -> int:

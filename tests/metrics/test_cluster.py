@@ -17,6 +17,7 @@ import engine
 import engine.app
 from engine.metrics import cluster
 from engine.metrics.cluster import ClusterCollector
+from engine.metrics.host import MULTIPROC_DIR_VARIABLE
 from engine.store import Store
 from engine.store.schema import schedule_fires, schedules, workers
 from scheduler.ledger import Claim, FireOutcome, Ledger
@@ -290,3 +291,26 @@ def test_metrics_need_no_token_and_are_described(serve):
     assert client.get("/api/jobs").status == 401
     described = client.get("/openapi.json").json["paths"]["/metrics"]["get"]
     assert described["tags"] == ["health"] and "security" not in described
+
+
+def test_an_api_alone_serves_the_jobs_it_enqueued_beside_the_cluster(serve, monkeypatch):
+    monkeypatch.delenv(MULTIPROC_DIR_VARIABLE, raising=False)
+    client = serve()
+    before = value(scrape(client), "engine_jobs_enqueued_total", actor="echo", queue="default") or 0.0
+
+    assert client.post("/api/jobs", {"actor": "echo", "args": [1]}).status == 202
+
+    samples = scrape(client)
+    assert value(samples, "engine_jobs_enqueued_total", actor="echo", queue="default") == before + 1
+    assert value(samples, "engine_up", component="store") == 1
+
+
+def test_an_api_under_a_supervisor_leaves_its_own_counts_to_the_supervisor(serve, monkeypatch, tmp_path):
+    monkeypatch.setenv(MULTIPROC_DIR_VARIABLE, str(tmp_path))
+    client = serve()
+
+    assert client.post("/api/jobs", {"actor": "echo", "args": [1]}).status == 202
+
+    samples = scrape(client)
+    assert not any(name.startswith("engine_jobs_enqueued") for name, _labels in samples)
+    assert value(samples, "engine_up", component="store") == 1
