@@ -19,6 +19,10 @@ import yaml
 
 ROOT = Path(__file__).parents[2]
 DEPLOY = ROOT / "deploy"
+
+#: What the deploy files give a worker beyond ENGINE_SHUTDOWN_TIMEOUT_S to stop: the time to
+#: requeue and record the jobs that did not finish.
+STOP_MARGIN_S = 60.0
 REQUIRE_TOOLS = os.environ.get("CI") == "true"
 
 

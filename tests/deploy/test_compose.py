@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy.conftest import DEPLOY, need_tool
+from tests.deploy.conftest import DEPLOY, STOP_MARGIN_S, need_tool
 from tests.support.processes import run_process
 
 COMPOSE = DEPLOY / "compose.yaml"
@@ -52,7 +52,7 @@ def test_workers_get_longer_than_the_shutdown_timeout_to_stop(services):
     worker = services["worker"]
     shutdown_timeout_s = float(worker["environment"]["ENGINE_SHUTDOWN_TIMEOUT_S"])
     assert worker["stop_signal"] == "SIGTERM"
-    assert int(worker["stop_grace_period"].removesuffix("s")) >= shutdown_timeout_s + 30
+    assert int(worker["stop_grace_period"].removesuffix("s")) == shutdown_timeout_s + STOP_MARGIN_S
 
 
 def test_the_api_is_checked_and_scraped_where_it_listens(services):

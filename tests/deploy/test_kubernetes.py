@@ -7,7 +7,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from tests.deploy.conftest import DEPLOY, read_yaml, read_yaml_documents
+from tests.deploy.conftest import DEPLOY, STOP_MARGIN_S, read_yaml, read_yaml_documents
 
 MANIFESTS = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
 #: The oldest Kubernetes release the manifests are checked against, and the newest known.
@@ -40,9 +40,10 @@ def test_the_api_workers_and_two_schedulers_are_deployed():
         assert pod(component)["spec"]["containers"][0]["args"] == [component]
 
 
-def test_worker_pods_get_the_shutdown_timeout_to_stop():
+def test_worker_pods_get_the_shutdown_timeout_to_stop_and_a_margin_to_requeue():
     settings = find("ConfigMap", "engine-settings")["data"]
-    assert pod("worker")["spec"]["terminationGracePeriodSeconds"] == float(settings["ENGINE_SHUTDOWN_TIMEOUT_S"])
+    grace_s = pod("worker")["spec"]["terminationGracePeriodSeconds"]
+    assert grace_s == float(settings["ENGINE_SHUTDOWN_TIMEOUT_S"]) + STOP_MARGIN_S
 
 
 def test_settings_come_from_the_config_map_and_credentials_from_the_secret():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.conftest import DEPLOY, need_tool
+from tests.deploy.conftest import DEPLOY, STOP_MARGIN_S, need_tool
 from tests.support.processes import run_process
 
 UNITS = sorted((DEPLOY / "systemd").glob("*.service"))
@@ -64,7 +64,7 @@ def test_a_unit_signals_only_the_main_process_and_restarts_it(path):
 @pytest.mark.parametrize("name", sorted(WORKER_UNITS))
 def test_workers_get_longer_than_the_shutdown_timeout_to_stop(name):
     shutdown_timeout_s = float(example_settings()["ENGINE_SHUTDOWN_TIMEOUT_S"])
-    assert int(read_unit(DEPLOY / "systemd" / name)["Service"]["TimeoutStopSec"]) == shutdown_timeout_s + 60
+    assert int(read_unit(DEPLOY / "systemd" / name)["Service"]["TimeoutStopSec"]) == shutdown_timeout_s + STOP_MARGIN_S
 
 
 @pytest.mark.parametrize("name, command", [("engine-worker.service", "worker"), ("engine-scheduler.service", "scheduler"), ("engine-api.service", "api")])
