@@ -15,7 +15,6 @@ from dramatiq import Broker
 from loguru import logger
 
 from engine.app import get_store
-from engine.metrics.host import serve_own_metrics
 from engine.settings import Settings
 from engine.worker import run_engine_process
 
@@ -69,14 +68,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         store = get_store()
         apply_configured_schedules(Ledger(store), settings, list(broker.get_declared_actors()))
         scheduler = Scheduler(broker, store)
-        metrics = serve_own_metrics(settings)
         scheduler.start()
 
         def stop() -> None:
             logger.info("Stopping the scheduler.")
             scheduler.stop()
-            if metrics is not None:
-                metrics.close()
 
         return stop
 

@@ -24,7 +24,7 @@ import socket
 import tempfile
 import threading
 from contextlib import suppress
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator
 
 from loguru import logger
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -205,19 +205,6 @@ class HostMetrics:
     def close(self) -> None:
         self.server.close()
         self.directory.remove()
-
-
-def serve_own_metrics(settings: Settings) -> Optional[MetricsServer]:
-    """For a process that no supervisor started (``engine scheduler`` on a host of its own):
-    its own metrics (the jobs it enqueued) on ENGINE_METRICS_PORT, when that is set.
-
-    Raises:
-      ConfigError: the metrics' address cannot be bound.
-    """
-    collectors = own_metrics()
-    if settings.metrics_port is None or not collectors:
-        return None
-    return MetricsServer(settings, registry_of(*collectors)).start()
 
 
 def serve_directory(settings: Settings) -> int:

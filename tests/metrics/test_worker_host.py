@@ -168,15 +168,3 @@ def test_counters_survive_killed_workers_and_agree_with_the_store(engine_env, st
     assert again.metrics_dir() != directory
     assert attempts_by_outcome(again.scrape()) == Counter()
 
-
-@pytest.mark.parametrize("mode", ["embedded"], indirect=True)
-def test_a_scheduler_alone_serves_the_jobs_it_enqueued(engine_env, start_engine):
-    engine_env["ENGINE_METRICS_PORT"] = "0"
-    engine.set_schedule("every-second", "echo", "* * * * * *", args=[1])
-    scheduler = Host(start_engine("scheduler"))
-
-    def enqueued() -> float:
-        return scheduler.scrape().get(("engine_jobs_enqueued_total", (("actor", "echo"), ("queue", "default"))), 0)
-
-    first = wait_for(enqueued, 30, "the scheduler's fires to be counted")
-    assert wait_for(lambda: enqueued() > first, 30, "more fires")
