@@ -9,6 +9,7 @@ import os
 import re
 import urllib.request
 from collections import Counter
+from contextlib import suppress
 
 import psutil
 import pytest
@@ -43,7 +44,12 @@ class Host:
 
     def children(self) -> list[psutil.Process]:
         """Its live processes: workers, and with ``engine run`` the API and the scheduler."""
-        return [child for child in psutil.Process(self.process.pid).children() if child.status() != psutil.STATUS_ZOMBIE]
+        live = []
+        for child in psutil.Process(self.process.pid).children():
+            with suppress(psutil.NoSuchProcess):  # a dead child reaped since it was listed
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    live.append(child)
+        return live
 
     def workers(self, count: int = 2) -> list[psutil.Process]:
         """Its `count` live worker processes, once each has said it is ready."""
